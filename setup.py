@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="uae_gen",
+    version="0.1.0",
+    description="Latent diffusion on the UAE (Prism Hypothesis) latent: diffusers-native tokenizer, DiT, training and eval",
+    python_requires=">=3.10",
+    packages=find_packages(include=["uae_gen", "uae_gen.*"]) + ["uae_gen.pipelines"],
+    # The pipeline lives in a top-level folder (DESIGN.md) but installs as uae_gen.pipelines.
+    package_dir={"uae_gen.pipelines": "pipelines"},
+    package_data={"uae_gen": ["data/*.json", "configs/*.json"]},
+    install_requires=[
+        "torch>=2.3",
+        "torchvision",
+        "diffusers>=0.35",
+        "accelerate>=1.0",
+        "timm>=1.0",
+        "torch-fidelity>=0.3",
+        "tqdm",
+        "safetensors",
+        "numpy",
+        "pillow",
+        "scipy",
+        "scikit-learn",
+        "scikit-image",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "transformers>=4.40"],
+        "xformers": ["xformers"],
+    },
+    entry_points={"console_scripts": ["uae-gen=uae_gen.cli:main"]},
+)

@@ -1,0 +1,117 @@
+"""Band split: exact inverse, frequency ordering, linearity, and parity with the official UAE v1/v2 code."""
+
+import numpy as np
+import pytest
+import torch
+
+from uae_gen.models.bands import (
+    BandProjector,
+    cutoffs_from_v1_schedule,
+    dct_matrix,
+    frequency_radius,
+    zigzag_order,
+)
+
+from .fixture_paths import FIXTURES, requires_fixtures
+
+
+@pytest.mark.parametrize("transform", ["fft", "dct"])
+@pytest.mark.parametrize("num_bands", [1, 2, 4, 8, 10])
+@pytest.mark.parametrize("size", [(16, 16), (15, 9), (12, 7)])
+def test_merge_of_split_is_identity(transform, num_bands, size):
+    z = torch.randn(3, 5, *size, generator=torch.Generator().manual_seed(0))
+    projector = BandProjector(*size, num_bands=num_bands, transform=transform)
+    bands = projector.split(z)
+    assert bands.shape == (3, num_bands, 5, *size)
+    assert not bands.is_complex()
+    assert (projector.merge(bands) - z).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("transform", ["fft", "dct"])
+def test_split_is_linear(transform):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
+    projector = BandProjector(16, 16, num_bands=4, transform=transform)
+    lhs = projector.split(2.5 * x + y)
+    rhs = 2.5 * projector.split(x) + projector.split(y)
+    assert (lhs - rhs).abs().max() < 1e-5
+
+
+def test_white_noise_band_energy_sits_in_its_ring():
+    size, num_bands = 32, 4
+    projector = BandProjector(size, size, num_bands=num_bands, transition_width=0.5)
+    bands = projector.split(torch.randn(8, 16, size, size, generator=torch.Generator().manual_seed(2)))
+    power = torch.fft.rfft2(bands, norm="ortho").abs().pow(2).sum(dim=(0, 2))  # (K, h, w//2+1)
+    radius = frequency_radius(size, size).float()
+    r_max = size // 2
+    edges = [0.0, *[k / num_bands * r_max for k in range(1, num_bands)], float("inf")]
+    for k in range(num_bands):
+        inside = (radius >= edges[k] - 0.25) & (radius <= edges[k + 1] + 0.25)
+        share = power[k][inside].sum() / power[k].sum()
+        assert share >= 0.9, f"band {k}: only {share:.3f} of its energy lies in its ring"
+    # Energy is conserved up to the overlap of neighbouring smooth transitions.
+    total = bands.sum(1).pow(2).sum()
+    assert torch.isclose(bands.pow(2).sum() / total, torch.tensor(1.0), atol=0.05)
+
+
+def test_smooth_latent_lives_in_band_zero():
+    y, x = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    smooth = torch.sin(2 * torch.pi * x / 16) + torch.cos(2 * torch.pi * y / 16) + 0.5
+    z = smooth.expand(2, 8, 16, 16) + 0.05 * torch.randn(2, 8, 16, 16, generator=torch.Generator().manual_seed(3))
+    bands = BandProjector(16, 16, num_bands=4).split(z)
+    energy = bands.pow(2).sum(dim=(0, 2, 3, 4))
+    assert energy[0] / energy.sum() > 0.95
+
+
+def test_bfloat16_input_keeps_dtype():
+    z = torch.randn(2, 4, 16, 16).bfloat16()
+    projector = BandProjector(16, 16, num_bands=4)
+    bands = projector.split(z)
+    assert bands.dtype == torch.bfloat16
+    assert (projector.merge(bands.float()) - z.float()).abs().max() < 0.1
+
+
+def test_dct_is_orthonormal_and_zigzag_is_a_permutation():
+    d = dct_matrix(12)
+    assert torch.allclose(d @ d.T, torch.eye(12, dtype=d.dtype), atol=1e-12)
+    order = zigzag_order(5, 7)
+    assert sorted(order.tolist()) == list(range(35))
+    assert order[:3].tolist() == [0, 7, 1]  # DC, then (1, 0), then (0, 1)
+
+
+def test_bad_inputs_raise():
+    projector = BandProjector(16, 16, num_bands=4)
+    with pytest.raises(ValueError, match="shape"):
+        projector.split(torch.randn(2, 4, 8, 8))
+    with pytest.raises(ValueError, match="cutoffs"):
+        BandProjector(16, 16, num_bands=3, cutoffs=[0.5])
+    with pytest.raises(ValueError, match="transform"):
+        BandProjector(16, 16, transform="wavelet")
+    with pytest.raises(ValueError, match="dct"):
+        BandProjector(16, 16, transform="fft").lowpass(torch.randn(1, 1, 16, 16), 4)
+
+
+@requires_fixtures
+@pytest.mark.parametrize("shape", ["8x16x16", "4x12x12"])
+def test_official_v1_and_v2_bands(shape):
+    data = np.load(FIXTURES / "uae_official_bands.npz")
+    z = torch.from_numpy(data[f"z_{shape}"])
+    size = z.shape[-1]
+
+    released = BandProjector(size, size, 2, "fft", cutoffs_from_v1_schedule([0.32, 16.0]), "hard_ring",
+                             keep_residual=False)
+    assert (released.split(z) - torch.from_numpy(data[f"v1_k2_released_{shape}"])).abs().max() < 1e-5
+    linear = BandProjector(size, size, 4, "fft", None, "hard_ring", keep_residual=False)
+    assert (linear.split(z) - torch.from_numpy(data[f"v1_k4_linear_{shape}"])).abs().max() < 1e-5
+
+    assert torch.equal(zigzag_order(size, size), torch.from_numpy(data[f"v2_zigzag_perm_{size}x{size}"]))
+    dct = BandProjector(size, size, 2, "dct")
+    assert (dct.to_coefficients(z) - torch.from_numpy(data[f"v2_dct_{shape}"])).abs().max() < 1e-5
+    for k in (36, 64, 100):
+        assert (dct.lowpass(z, k) - torch.from_numpy(data[f"v2_lowpass{k}_{shape}"])).abs().max() < 1e-5
+
+    # The official v1 split loses the corner bins; ours (same radii, smooth, residual kept) loses nothing.
+    official_loss = (z - torch.from_numpy(data[f"v1_k2_released_{shape}"]).sum(1)).norm() / z.norm()
+    ours = BandProjector(size, size, 2, "fft", cutoffs_from_v1_schedule([0.32, 16.0]))
+    assert official_loss > 0.3
+    assert (ours.merge(ours.split(z)) - z).norm() / z.norm() < 1e-6
