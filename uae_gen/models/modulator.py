@@ -1,0 +1,99 @@
+"""The frequency-band modulator: noise on the high bands while training, then the spectral transform.
+
+Given bands b (B, K, C, h, w) it returns the decoder input q = Delta + sum_k b_k, where Delta is a residual
+predicted by two 3x3 convolutions with SiLU over the channel-concatenated bands. Our last convolution starts at
+zero, so at initialisation q == sum_k b_k == z exactly and the decoder first learns on the true latent.
+
+Noise (training only): for each sample, with probability ``noise_prob``, bands >= ``noise_from_band`` receive
+band-limited Gaussian noise sigma * split(eps)_k with sigma ~ U(0, noise_sigma). The noise is split by the same
+projector as the latent, so it really lives in the high bands and band 0 (the semantics) is never touched.
+
+Released-v1 compatibility: ``mix_layers`` stacked K x K band-mixing matrices (identity init) before the fusion,
+and ``zero_init=False`` for the official default conv initialisation.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+
+class BandMixing(nn.Module):
+    """b'_i = sum_j W_ij b_j over whole bands (the released v1 code's spectral layers), identity at init."""
+
+    def __init__(self, num_bands: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(num_bands))
+
+    def forward(self, bands: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("ij,bj...->bi...", self.weight.to(bands.dtype), bands)
+
+
+class SpectralTransform(nn.Module):
+    """Conv3x3(K*C -> hidden) -> SiLU -> Conv3x3(hidden -> C): the residual Delta added to the band sum."""
+
+    def __init__(self, num_bands: int, channels: int, hidden_channels: int, zero_init: bool = True):
+        super().__init__()
+        self.conv_in = nn.Conv2d(num_bands * channels, hidden_channels, 3, padding=1)
+        self.act = nn.SiLU()
+        self.conv_out = nn.Conv2d(hidden_channels, channels, 3, padding=1)
+        if zero_init:
+            nn.init.zeros_(self.conv_out.weight)
+            nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, bands: torch.Tensor) -> torch.Tensor:
+        b, k, c, h, w = bands.shape
+        return self.conv_out(self.act(self.conv_in(bands.reshape(b, k * c, h, w))))
+
+
+class FrequencyBandModulator(nn.Module):
+    def __init__(
+        self,
+        num_bands: int,
+        channels: int,
+        hidden_channels: Optional[int] = None,
+        zero_init: bool = True,
+        mix_layers: int = 0,
+        noise_sigma: float = 0.8,
+        noise_prob: float = 1.0,
+        noise_from_band: int = 1,
+    ):
+        super().__init__()
+        if not 0 <= noise_from_band <= num_bands:
+            raise ValueError(f"noise_from_band must lie in [0, {num_bands}], got {noise_from_band}")
+        hidden_channels = hidden_channels or max(2 * channels, 512)
+        self.num_bands = num_bands
+        self.noise_sigma, self.noise_prob, self.noise_from_band = noise_sigma, noise_prob, noise_from_band
+        self.mixing = nn.Sequential(*[BandMixing(num_bands) for _ in range(mix_layers)])
+        self.spectral_transform = SpectralTransform(num_bands, channels, hidden_channels, zero_init)
+
+    def add_band_noise(
+        self, bands: torch.Tensor, split_bands: Callable[[torch.Tensor], torch.Tensor], generator=None
+    ) -> torch.Tensor:
+        """Band-limited noise on bands >= noise_from_band, per-sample sigma ~ U(0, noise_sigma), applied with
+        probability noise_prob per sample."""
+        b = bands.shape[0]
+        eps = torch.randn(bands[:, 0].shape, generator=generator, device=bands.device, dtype=bands.dtype)
+        noise_bands = split_bands(eps)
+        sigma = torch.rand(b, generator=generator, device=bands.device, dtype=bands.dtype) * self.noise_sigma
+        apply = torch.rand(b, generator=generator, device=bands.device) < self.noise_prob
+        band_is_noised = torch.arange(self.num_bands, device=bands.device) >= self.noise_from_band
+        scale = sigma * apply.to(bands.dtype)
+        return bands + scale.view(b, 1, 1, 1, 1) * band_is_noised.view(1, -1, 1, 1, 1).to(bands.dtype) * noise_bands
+
+    def forward(
+        self,
+        bands: torch.Tensor,
+        split_bands: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        inject_noise: bool = False,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """(B, K, C, h, w) bands -> (B, C, h, w) decoder input q = Delta + sum_k b_k."""
+        if inject_noise and self.noise_sigma > 0:
+            if split_bands is None:
+                raise ValueError("noise injection needs split_bands to band-limit the noise")
+            bands = self.add_band_noise(bands, split_bands, generator)
+        bands = self.mixing(bands)
+        return self.spectral_transform(bands) + bands.sum(dim=1)
