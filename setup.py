@@ -23,6 +23,7 @@ setup(
         "scipy",
         "scikit-learn",
         "scikit-image",
+        "lpips",  # only for its shipped LPIPS v0.1 VGG linear-layer weights (uae_gen.losses.lpips)
     ],
     extras_require={
         "test": ["pytest>=7", "transformers>=4.40"],
