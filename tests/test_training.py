@@ -1,0 +1,332 @@
+"""uae_gen.training: EMA, LR schedules, crash-safe checkpoints with accelerate, resume data order, image grids."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from uae_gen.training import (
+    EMA,
+    EpochShuffleSampler,
+    checkpoint_step,
+    find_latest_checkpoint,
+    get_lr_scheduler,
+    resolve_resume_path,
+    resume_position,
+    save_checkpoint,
+    save_image_grid,
+)
+from uae_gen.training import checkpointing
+
+
+def _tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+
+
+# --------------------------------------------------------------------------------------------------- EMA
+
+
+def test_ema_update_matches_formula_and_copies_buffers():
+    model = _tiny_model()
+    ema = EMA(model, decay=0.9)
+    for name, tensor in ema.model.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name])  # starts synced
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+    for _ in range(2):
+        previous = {name: p.clone() for name, p in ema.model.named_parameters()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.train()(torch.randn(8, 4))  # moves the BatchNorm running statistics
+        ema.update(model)
+        for name, param in model.named_parameters():
+            expected = 0.9 * previous[name] + 0.1 * param
+            torch.testing.assert_close(dict(ema.model.named_parameters())[name], expected)
+        for name, buffer in model.named_buffers():
+            assert torch.equal(dict(ema.model.named_buffers())[name], buffer)
+    assert ema.num_updates == 2
+
+    ema.update(model, decay=0.0)  # explicit re-sync
+    for name, param in model.named_parameters():
+        assert torch.equal(dict(ema.model.named_parameters())[name], param)
+
+
+def test_ema_state_dict_round_trip_and_copy_to():
+    ema = EMA(_tiny_model(0), decay=0.99)
+    ema.update(_tiny_model(1))
+    restored = EMA(_tiny_model(2), decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.decay == 0.99 and restored.num_updates == 1
+    for name, tensor in ema.model.state_dict().items():
+        assert torch.equal(restored.model.state_dict()[name], tensor)
+
+    target = _tiny_model(3)
+    restored.copy_to(target)
+    for name, tensor in ema.model.state_dict().items():
+        assert torch.equal(target.state_dict()[name], tensor)
+
+
+def test_ema_rejects_bad_decay_and_mismatched_model():
+    with pytest.raises(ValueError, match="decay"):
+        EMA(_tiny_model(), decay=1.5)
+    with pytest.raises(ValueError):
+        EMA(_tiny_model()).update(nn.Linear(4, 3))
+
+
+# ----------------------------------------------------------------------------------------------- LR schedule
+
+
+def _lrs(scheduler, steps):
+    values = []
+    for _ in range(steps):
+        values.append([group["lr"] for group in scheduler.optimizer.param_groups])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return values
+
+
+def _optimizer(lrs=(2.0,)):
+    return torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": lr} for lr in lrs])
+
+
+def test_linear_and_cosine_schedules_follow_formula():
+    warmup, total, final = 4, 12, 0.1
+    for name in ("linear", "cosine"):
+        optimizer = _optimizer((2.0, 0.5))
+        values = _lrs(get_lr_scheduler(name, optimizer, warmup, total, final_lr_ratio=final), 16)
+        for step, (lr, second_group_lr) in enumerate(values):
+            if step < warmup:
+                multiplier = step / warmup
+            else:
+                progress = min(1.0, (step - warmup) / (total - warmup))
+                shape = 1 - progress if name == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+                multiplier = final + (1 - final) * shape
+            assert lr == pytest.approx(2.0 * multiplier)
+            assert second_group_lr == pytest.approx(0.5 * multiplier)  # groups keep their own peak LR
+        assert values[2][0] == pytest.approx(1.0)  # half-way through warmup
+        assert values[8][0] == pytest.approx(2.0 * 0.55)  # mid-decay: both shapes are at (1 + final) / 2
+        assert values[15][0] == pytest.approx(0.2)  # held at the final LR after the decay
+
+
+def test_constant_warmup_holds_peak_lr_official_style():
+    values = _lrs(get_lr_scheduler("linear", _optimizer(), 3, 7, final_lr_ratio=0.5, warmup_from_zero=False), 8)
+    assert [v[0] for v in values] == pytest.approx([2.0, 2.0, 2.0, 2.0, 1.75, 1.5, 1.25, 1.0])
+
+
+@pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine"])
+def test_schedules_equal_diffusers_get_scheduler(name):
+    # Compared up to num_training_steps: past it diffusers' cosine climbs again, ours stays at the final LR.
+    ours = [lr for (lr,) in _lrs(get_lr_scheduler(name, _optimizer(), 5, 20), 21)]
+    theirs = [lr for (lr,) in _lrs(get_scheduler(name, _optimizer(), num_warmup_steps=5, num_training_steps=20), 21)]
+    assert ours == pytest.approx(theirs)
+
+
+def test_schedule_bad_arguments():
+    with pytest.raises(ValueError, match="unknown lr scheduler"):
+        get_lr_scheduler("polynomial", _optimizer())
+    with pytest.raises(ValueError, match="num_training_steps"):
+        get_lr_scheduler("cosine", _optimizer(), num_warmup_steps=10, num_training_steps=10)
+    with pytest.raises(ValueError, match="final_lr_ratio"):
+        get_lr_scheduler("linear", _optimizer(), 0, 10, final_lr_ratio=2.0)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def _train_steps(accelerator, model, optimizer, scheduler, ema, steps):
+    for _ in range(steps):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        ema.update(model)
+
+
+def _snapshot(model, ema, optimizer, scheduler):
+    return {
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+        "ema": {k: v.clone() for k, v in ema.model.state_dict().items()},
+        "exp_avg": [optimizer.state[p]["exp_avg"].clone() for p in model.parameters()],
+        "scheduler_step": scheduler.scheduler.last_epoch,
+    }
+
+
+def _assert_same(a, b):
+    assert a["scheduler_step"] == b["scheduler_step"]
+    for part in ("model", "ema"):
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), (part, name)
+    for x, y in zip(a["exp_avg"], b["exp_avg"], strict=True):
+        assert torch.equal(x, y)
+
+
+def test_checkpoints_prune_survive_a_crash_and_reload_exactly(tmp_path, monkeypatch):
+    output_dir = str(tmp_path / "run")
+    accelerator = Accelerator(cpu=True)
+    model = _tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = get_lr_scheduler("linear", optimizer, 2, 10)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ema = EMA(accelerator.unwrap_model(model), decay=0.5)
+    accelerator.register_for_checkpointing(ema)
+
+    for step in (1, 2, 3):
+        _train_steps(accelerator, model, optimizer, scheduler, ema, 1)
+        path = save_checkpoint(accelerator, output_dir, step, total_limit=2)
+        assert path == os.path.join(output_dir, f"checkpoint-{step}")
+    at_step_3 = _snapshot(model, ema, optimizer, scheduler)
+    assert sorted(os.listdir(output_dir)) == ["checkpoint-2", "checkpoint-3"]
+    assert find_latest_checkpoint(output_dir) == os.path.join(output_dir, "checkpoint-3")
+    assert checkpoint_step(find_latest_checkpoint(output_dir)) == 3
+
+    # Crash between writing and renaming step 4; plus a stray incomplete folder with a higher step.
+    _train_steps(accelerator, model, optimizer, scheduler, ema, 1)
+
+    def crash(*args):
+        raise OSError("simulated crash")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpointing.os, "rename", crash)
+        with pytest.raises(OSError, match="simulated crash"):
+            save_checkpoint(accelerator, output_dir, 4, total_limit=2)
+    assert os.path.isdir(os.path.join(output_dir, ".tmp-checkpoint-4"))
+    os.makedirs(os.path.join(output_dir, "checkpoint-9"))
+    open(os.path.join(output_dir, "checkpoint-9", "optimizer.bin"), "wb").close()
+    resume_path = resolve_resume_path(output_dir, "latest")
+    assert resume_path == os.path.join(output_dir, "checkpoint-3")
+
+    _train_steps(accelerator, model, optimizer, scheduler, ema, 2)  # drift away from the saved state
+    accelerator.load_state(resume_path)
+    _assert_same(_snapshot(model, ema, optimizer, scheduler), at_step_3)
+
+    # The next save clears the crash's leftovers; re-saving an existing step replaces it.
+    save_checkpoint(accelerator, output_dir, 5, total_limit=2)
+    assert sorted(os.listdir(output_dir)) == ["checkpoint-3", "checkpoint-5", "checkpoint-9"]
+    save_checkpoint(accelerator, output_dir, 5, total_limit=2)
+    assert sorted(os.listdir(output_dir)) == ["checkpoint-3", "checkpoint-5", "checkpoint-9"]
+    assert checkpoint_step(resolve_resume_path(output_dir, "latest")) == 5
+
+
+def test_resolve_resume_path_cases(tmp_path):
+    output_dir = tmp_path / "run"
+    assert resolve_resume_path(str(output_dir), None) is None
+    assert resolve_resume_path(str(output_dir), "latest") is None  # nothing saved yet: start fresh
+    complete = output_dir / "checkpoint-7"
+    complete.mkdir(parents=True)
+    (complete / checkpointing.CHECKPOINT_MARKER).write_text('{"global_step": 7}')
+    (output_dir / "checkpoint-8").mkdir()
+    assert resolve_resume_path(str(output_dir), "checkpoint-7") == str(complete)
+    assert resolve_resume_path(str(output_dir), str(complete)) == str(complete)
+    with pytest.raises(FileNotFoundError, match="checkpoint-5"):
+        resolve_resume_path(str(output_dir), "checkpoint-5")
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        resolve_resume_path(str(output_dir), "checkpoint-8")
+    with pytest.raises(ValueError, match="total_limit"):
+        save_checkpoint(None, str(output_dir), 1, total_limit=0)
+
+
+# ----------------------------------------------------------------------------------------------- data order
+
+
+def test_resume_position_numbers():
+    assert resume_position(0, 10) == (0, 0)
+    assert resume_position(23, 10) == (2, 3)
+    # 7 batches with accumulation 2 -> 4 optimiser steps per epoch (the last one uses a single batch).
+    assert resume_position(5, 7, gradient_accumulation_steps=2) == (1, 2)
+    assert resume_position(4, 7, gradient_accumulation_steps=2) == (1, 0)
+    with pytest.raises(ValueError, match="batches_per_epoch"):
+        resume_position(3, 0)
+
+
+def _batches(accelerator, stop_at_step=None, resume_step=0, num_epochs=3):
+    """Run a mock loop and return the sample ids of every batch it consumed."""
+    dataset = TensorDataset(torch.arange(26))
+    loader = DataLoader(dataset, batch_size=4, sampler=EpochShuffleSampler(dataset, seed=7))
+    model = nn.Linear(1, 1)
+    model, loader = accelerator.prepare(model, loader)
+    first_epoch, skip = resume_position(resume_step, len(loader), accelerator.gradient_accumulation_steps)
+    global_step, seen = resume_step, []
+    for epoch in range(first_epoch, num_epochs):
+        loader.set_epoch(epoch)
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if epoch == first_epoch else loader
+        for (ids,) in epoch_loader:
+            with accelerator.accumulate(model):
+                seen.append(ids.tolist())
+            if accelerator.sync_gradients:
+                global_step += 1
+                if global_step == stop_at_step:
+                    return seen
+    return seen
+
+
+def test_resumed_run_sees_the_same_batches_as_an_uninterrupted_one():
+    uninterrupted = _batches(Accelerator(cpu=True, gradient_accumulation_steps=2))
+    assert len(uninterrupted) == 3 * 7
+    epochs = [sorted(sum(uninterrupted[i * 7 : (i + 1) * 7], [])) for i in range(3)]
+    assert all(ids == list(range(26)) for ids in epochs)  # each epoch is a permutation ...
+    assert uninterrupted[0] != uninterrupted[7]  # ... and a different one per epoch
+
+    for stop_at in (3, 4, 5, 9):  # mid-epoch, epoch boundary, mid-epoch after a boundary
+        before = _batches(Accelerator(cpu=True, gradient_accumulation_steps=2), stop_at_step=stop_at)
+        after = _batches(Accelerator(cpu=True, gradient_accumulation_steps=2), resume_step=stop_at)
+        assert before + after == uninterrupted, stop_at
+
+
+# ----------------------------------------------------------------------------------------------- image grid
+
+
+def test_image_grid_pixels_layout_and_range(tmp_path):
+    values = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0])
+    images = values.view(5, 1, 1, 1).expand(5, 3, 8, 6).clone()
+    path = tmp_path / "samples" / "grid.png"
+    save_image_grid(images, str(path), nrow=3)
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (2 * (8 + 2) + 2, 3 * (6 + 2) + 2, 3)
+    for index, value in enumerate(values.tolist()):
+        row, column = divmod(index, 3)
+        tile = grid[2 + row * 10 : 2 + row * 10 + 8, 2 + column * 8 : 2 + column * 8 + 6]
+        assert (tile == round((value + 1) / 2 * 255)).all()
+    assert (grid[12:20, 18:24] == 255).all()  # the unused sixth cell stays white
+    assert os.listdir(path.parent) == ["grid.png"]
+
+    grey = torch.full((1, 1, 4, 4), 0.25)
+    save_image_grid(grey, str(path), value_range=(0.0, 1.0))
+    assert (np.asarray(Image.open(path))[2:6, 2:6] == 64).all()
+
+
+def test_labelled_grid_adds_captions(tmp_path):
+    images = torch.full((2, 3, 8, 8), 1.0)  # white tiles: any dark pixel below them is caption text
+    path = tmp_path / "labelled.png"
+    save_image_grid(images, str(path), nrow=2, labels=["digit 0", "digit 1"])
+    grid = np.asarray(Image.open(path).convert("L"))
+    assert grid.shape[0] == 8 + 12 + 4
+    assert (grid[2:10] == 255).all()  # tiles row
+    assert (grid[10:22] < 128).any()  # captions
+
+
+def test_image_grid_write_is_atomic_and_validates(tmp_path, monkeypatch):
+    path = tmp_path / "grid.png"
+    save_image_grid(torch.zeros(1, 3, 4, 4), str(path))
+    before = path.read_bytes()
+
+    def failing_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_image_grid(torch.ones(1, 3, 4, 4), str(path))
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["grid.png"]
+    with pytest.raises(ValueError, match="shape"):
+        save_image_grid(torch.zeros(3, 4, 4), str(path))
+    with pytest.raises(ValueError, match="labels"):
+        save_image_grid(torch.zeros(2, 3, 4, 4), str(path), labels=["one"])

@@ -1,0 +1,29 @@
+"""Accelerate glue shared by train/train_tokenizer.py and train/train_dit.py: EMA, LR schedule, crash-safe
+checkpoints, reproducible data order for resuming, and sample grids."""
+
+from .checkpointing import (
+    CHECKPOINT_MARKER,
+    checkpoint_step,
+    find_latest_checkpoint,
+    resolve_resume_path,
+    save_checkpoint,
+)
+from .data_order import EpochShuffleSampler, ResumePosition, resume_position
+from .ema import EMA
+from .image_grid import save_image_grid
+from .lr_schedule import LR_SCHEDULES, get_lr_scheduler
+
+__all__ = [
+    "CHECKPOINT_MARKER",
+    "EMA",
+    "EpochShuffleSampler",
+    "LR_SCHEDULES",
+    "ResumePosition",
+    "checkpoint_step",
+    "find_latest_checkpoint",
+    "get_lr_scheduler",
+    "resolve_resume_path",
+    "resume_position",
+    "save_checkpoint",
+    "save_image_grid",
+]
