@@ -1,0 +1,3 @@
+from .pipeline_uae_dit import UAEDiTPipeline, UAEDiTPipelineOutput
+
+__all__ = ["UAEDiTPipeline", "UAEDiTPipelineOutput"]
