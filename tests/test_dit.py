@@ -1,0 +1,242 @@
+"""UAEDiT (plain DiT and DiT^DH): parity with the official RAE DiT^DH, shapes, conditioning, save/load."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from uae_gen.convert import convert_ditdh_state_dict
+from uae_gen.models.dit import DIT_PRESETS, UAEDiT
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+TINY = dict(sample_size=8, in_channels=4, num_classes=10)
+
+
+def perturbed(model: UAEDiT, seed: int = 0) -> UAEDiT:
+    """Random weights everywhere, so no zero-initialised layer hides a difference."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model
+
+
+def inputs(model: UAEDiT, batch: int = 3, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    sample = torch.randn(batch, config.in_channels, config.sample_size, config.sample_size, generator=generator)
+    timestep = torch.rand(batch, generator=generator)
+    labels = torch.randint(0, config.num_classes, (batch,), generator=generator)
+    return sample, timestep, labels
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"official fixtures folder {FIXTURES} is absent")
+def test_ditdh_matches_official_rae_output():
+    official = json.loads((FIXTURES / "rae_ditdh_tiny_config.json").read_text())
+    model = UAEDiT(
+        sample_size=official["input_size"], patch_size=official["patch_size"], in_channels=official["in_channels"],
+        hidden_size=official["hidden_size"][0], depth=official["depth"][0], num_heads=official["num_heads"][0],
+        head_hidden_size=official["hidden_size"][1], head_depth=official["depth"][1],
+        head_num_heads=official["num_heads"][1], mlp_ratio=official["mlp_ratio"],
+        num_classes=official["num_classes"], class_dropout_prob=official["class_dropout_prob"],
+        use_qknorm=official["use_qknorm"], use_swiglu=official["use_swiglu"], use_rope=official["use_rope"],
+        use_rmsnorm=official["use_rmsnorm"], wo_shift=official["wo_shift"], use_pos_embed=official["use_pos_embed"],
+        time_embedding_type="gaussian_fourier",
+    ).eval()
+    weights = load_file(FIXTURES / "rae_ditdh_tiny_weights.safetensors")
+    model.load_state_dict(convert_ditdh_state_dict(weights), strict=True)
+    # The fixed tables we rebuild from the config equal the official stored ones.
+    torch.testing.assert_close(model.pos_embed, weights["pos_embed"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.trunk_rope_cos, weights["enc_feat_rope.freqs_cos"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.head_rope_sin, weights["dec_feat_rope.freqs_sin"], rtol=0, atol=1e-6)
+
+    io = load_file(FIXTURES / "rae_ditdh_tiny_io.safetensors")
+    with torch.no_grad():
+        out = model(io["x"], io["t"], io["y"]).sample
+    assert out.shape == io["out"].shape
+    assert (out - io["out"]).abs().max().item() < 1e-5
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"official fixtures folder {FIXTURES} is absent")
+def test_convert_ditdh_names_missing_and_unexpected_keys():
+    weights = load_file(FIXTURES / "rae_ditdh_tiny_weights.safetensors")
+    with pytest.raises(ValueError, match=r"missing keys: \['t_embedder.W'\]"):
+        convert_ditdh_state_dict({k: v for k, v in weights.items() if k != "t_embedder.W"})
+    with pytest.raises(ValueError, match=r"missing keys: \['blocks.1.attn.qkv.weight'\]"):
+        convert_ditdh_state_dict({k: v for k, v in weights.items() if k != "blocks.1.attn.qkv.weight"})
+    with pytest.raises(ValueError, match=r"unexpected keys: \['blocks.0.attn.extra.weight', 'foo'\]"):
+        convert_ditdh_state_dict({**weights, "blocks.0.attn.extra.weight": torch.zeros(1), "foo": torch.zeros(1)})
+    converted = convert_ditdh_state_dict(weights)
+    assert converted["head_blocks.0.mlp.w12.weight"] is weights["blocks.2.mlp.w12.weight"]
+    assert converted["x_embedder.weight"] is weights["s_embedder.proj.weight"]
+    # Equal trunk and head widths leave the split ambiguous: the caller must say where the trunk ends.
+    same_width = {**weights, "x_embedder.proj.weight": torch.zeros(64, 16, 1, 1)}
+    with pytest.raises(ValueError, match="trunk_depth"):
+        convert_ditdh_state_dict(same_width)
+    assert "head_blocks.0.norm1.weight" in convert_ditdh_state_dict(same_width, trunk_depth=2)
+
+
+@pytest.mark.parametrize("preset", ["DiT-tiny", "DiT-DH-tiny"])
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_output_has_input_shape(preset, patch_size):
+    model = perturbed(UAEDiT.from_preset(preset, patch_size=patch_size, **TINY)).eval()
+    sample, timestep, labels = inputs(model)
+    with torch.no_grad():
+        velocity = model(sample, timestep, labels).sample
+    assert velocity.shape == sample.shape
+    assert torch.isfinite(velocity).all() and velocity.abs().max() > 0
+
+
+def test_unpatchify_inverts_patch_layout():
+    # Tokens holding (p, q, C) patches in row-major order unpatchify to exactly the image they were cut from.
+    model = UAEDiT.from_preset("DiT-tiny", patch_size=2, **TINY)
+    sample = torch.randn(2, 4, 8, 8)
+    tokens = sample.reshape(2, 4, 4, 2, 4, 2).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, 16)  # (p, q, c) per token
+    torch.testing.assert_close(model._unpatchify(tokens), sample, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("preset", ["DiT-tiny", "DiT-DH-tiny"])
+def test_adaln_zero_init_gives_exactly_zero_output(preset):
+    model = UAEDiT.from_preset(preset, **TINY).eval()
+    sample, timestep, labels = inputs(model)
+    with torch.no_grad():
+        assert torch.equal(model(sample, timestep, labels).sample, torch.zeros_like(sample))
+        # Each block starts as the identity: its gates are exactly zero.
+        tokens = torch.randn(3, 64, 64)
+        assert torch.equal(model.blocks[0](tokens, torch.randn(3, 1, 64), model._rope("trunk")), tokens)
+
+
+def test_label_range_and_null_label():
+    model = perturbed(UAEDiT.from_preset("DiT-tiny", **TINY)).eval()
+    sample, timestep, _ = inputs(model, batch=2)
+    with torch.no_grad():
+        model(sample, timestep, torch.tensor([10, 0]))  # id num_classes is the null label
+    for bad in ([11, 0], [-1, 0]):
+        with pytest.raises(ValueError, match=r"class_labels must lie in \[0, 10\]"):
+            model(sample, timestep, torch.tensor(bad))
+    with pytest.raises(ValueError, match="integers"):
+        model(sample, timestep, torch.tensor([1.0, 2.0]))
+
+
+def test_input_validation_names_the_problem():
+    model = UAEDiT.from_preset("DiT-tiny", patch_size=2, **TINY)
+    labels = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="in_channels=4"):
+        model(torch.randn(2, 3, 8, 8), 0.5, labels)
+    with pytest.raises(ValueError, match="not divisible by patch_size 2"):
+        model(torch.randn(2, 4, 7, 8), 0.5, labels)
+    with pytest.raises(ValueError, match="differs from sample_size 8"):
+        model(torch.randn(2, 4, 6, 6), 0.5, labels)
+    with pytest.raises(ValueError, match="timestep"):
+        model(torch.randn(2, 4, 8, 8), torch.rand(3), labels)
+    with pytest.raises(ValueError, match="Unknown preset"):
+        UAEDiT.from_preset("DiT-XXL")
+    with pytest.raises(ValueError, match="time_embedding_type"):
+        UAEDiT.from_preset("DiT-tiny", time_embedding_type="learned")
+    with pytest.raises(ValueError, match="Unknown attention backend"):
+        UAEDiT.from_preset("DiT-tiny", attention_backend="flash")
+
+
+def test_scalar_timestep_broadcasts():
+    model = perturbed(UAEDiT.from_preset("DiT-DH-tiny", **TINY)).eval()
+    sample, _, labels = inputs(model)
+    with torch.no_grad():
+        scalar = model(sample, 0.3, labels).sample
+        torch.testing.assert_close(scalar, model(sample, torch.full((3,), 0.3), labels).sample)
+
+
+@pytest.mark.parametrize("preset", ["DiT-tiny", "DiT-DH-tiny"])
+def test_label_dropout_only_in_training(preset):
+    model = perturbed(UAEDiT.from_preset(preset, class_dropout_prob=1.0, **TINY))
+    sample, timestep, labels = inputs(model)
+    null = torch.full_like(labels, 10)
+    with torch.no_grad():
+        model.eval()
+        conditional = model(sample, timestep, labels).sample
+        unconditional = model(sample, timestep, null).sample
+        torch.testing.assert_close(model(sample, timestep, labels).sample, conditional, rtol=0, atol=0)
+        assert (conditional - unconditional).abs().max() > 1e-3  # eval never drops the labels
+        model.train()
+        torch.testing.assert_close(model(sample, timestep, labels).sample, unconditional)
+
+
+@pytest.mark.parametrize("preset,time_embedding", [("DiT-tiny", "sinusoidal"), ("DiT-DH-tiny", "gaussian_fourier")])
+def test_save_and_reload_give_equal_outputs(tmp_path, preset, time_embedding):
+    model = perturbed(UAEDiT.from_preset(preset, time_embedding_type=time_embedding, **TINY)).eval()
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(123)  # a reloaded model must not depend on fresh random Fourier frequencies
+    reloaded = UAEDiT.from_pretrained(tmp_path).eval()
+    assert reloaded.config.head_depth == model.config.head_depth
+    sample, timestep, labels = inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(sample, timestep, labels).sample, model(sample, timestep, labels).sample,
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("preset", ["DiT-tiny", "DiT-DH-tiny"])
+def test_gradient_checkpointing_gives_same_gradients(preset):
+    def gradients(checkpointing: bool):
+        torch.manual_seed(0)  # same fixed Fourier frequencies in both models
+        model = perturbed(UAEDiT.from_preset(preset, class_dropout_prob=0.0, **TINY)).train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        calls = []
+        model.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        sample, timestep, labels = inputs(model)
+        model(sample, timestep, labels).sample.square().mean().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}, len(calls)
+
+    plain, plain_calls = gradients(False)
+    checkpointed, checkpointed_calls = gradients(True)
+    assert (plain_calls, checkpointed_calls) == (1, 2)  # checkpointing re-runs the block in backward
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("options", [
+    dict(use_swiglu=False, use_rmsnorm=False, use_rope=False, time_embedding_type="sinusoidal"),
+    dict(use_qknorm=True, wo_shift=True),
+    dict(use_qknorm=True, use_rmsnorm=False, use_pos_embed=False),
+])
+def test_option_variants_run_and_learn(options):
+    model = perturbed(UAEDiT.from_preset("DiT-DH-tiny", **TINY, **options)).train()
+    sample, timestep, labels = inputs(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(5):
+        loss = model(sample, timestep, labels).sample.sub(sample).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def analytic_parameter_count(config: dict, in_channels=768, patch_size=1, num_classes=1000) -> int:
+    """DiT^DH / DiT parameter count by hand (SwiGLU, RMSNorm, Gaussian Fourier time embedding)."""
+
+    def block(d):
+        hidden = int(2 / 3 * 4 * d)
+        norms, attn, adaln = 2 * d, (3 * d * d + 3 * d) + (d * d + d), 6 * d * d + 6 * d
+        return norms + attn + (2 * d * hidden + 2 * hidden) + (hidden * d + d) + adaln
+
+    d, patch_dim = config["hidden_size"], in_channels * patch_size ** 2
+    count = patch_dim * d + d + (512 * d + d) + (d * d + d) + (num_classes + 1) * d + config["depth"] * block(d)
+    out = d
+    if config["head_depth"]:
+        h = out = config["head_hidden_size"]
+        count += (d * h + h) + (patch_dim * h + h) + config["head_depth"] * block(h)
+    return count + out + (2 * out * out + 2 * out) + (out * patch_dim + patch_dim)
+
+
+@pytest.mark.parametrize("preset", ["DiT-XL", "DiT-DH-S", "DiT-DH-XL"])
+def test_preset_parameter_counts(preset):
+    with torch.device("meta"):  # no memory is allocated for the weights
+        model = UAEDiT.from_preset(preset)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == analytic_parameter_count(DIT_PRESETS[preset])
+    if preset == "DiT-DH-XL":
+        # method.md: 838.7M, counting the official frozen pos-embed (256 x 1152) and Fourier W (256) parameters.
+        assert abs(count + 256 * 1152 + 256 - 838.7e6) < 0.05e6

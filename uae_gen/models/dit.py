@@ -1,0 +1,393 @@
+"""UAEDiT: the class-conditional latent generator, plain DiT or DiT^DH (DiT with a wide DDT head).
+
+Flow-matching convention (official RAE/UAE code): `timestep` t in [0, 1], t=1 is pure noise, and the model
+predicts the velocity eps - x with the input's shape.
+
+Two shapes of one class, chosen by `head_depth`:
+- plain DiT (head_depth=0): patch embed (+ fixed 2-D sin-cos pos-embed) -> adaLN-Zero blocks conditioned on
+  c = t_emb + y_emb -> final layer.
+- DiT^DH (RAE "DiTwDDTHead", head_depth>0): the blocks above form the trunk (conditioned on SiLU(t_emb + y_emb));
+  its output s = SiLU(trunk + t_emb) is projected to the head width and becomes a *per-token* condition; the
+  head re-embeds the noisy input and runs a few wide blocks plus the final layer modulated by s.
+Options of the official LightningDiT blocks (SwiGLU, RMSNorm, 2-D RoPE, QK-norm, no-shift adaLN, Gaussian
+Fourier time embedding) are config flags. Sizes live in DIT_PRESETS; build one with `UAEDiT.from_preset`.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .attention import attention, check_attention_backend
+
+_NO_HEAD = dict(head_hidden_size=None, head_depth=0, head_num_heads=None)
+_DH_HEAD = dict(head_hidden_size=2048, head_depth=2, head_num_heads=16)  # RAE's head for every DiT^DH size
+DIT_PRESETS = {
+    "DiT-tiny": dict(hidden_size=64, depth=2, num_heads=4, **_NO_HEAD),
+    "DiT-S": dict(hidden_size=384, depth=12, num_heads=6, **_NO_HEAD),
+    "DiT-B": dict(hidden_size=768, depth=12, num_heads=12, **_NO_HEAD),
+    "DiT-L": dict(hidden_size=1024, depth=24, num_heads=16, **_NO_HEAD),
+    "DiT-XL": dict(hidden_size=1152, depth=28, num_heads=16, **_NO_HEAD),
+    "DiT-DH-tiny": dict(hidden_size=64, depth=2, num_heads=4, head_hidden_size=96, head_depth=1, head_num_heads=4),
+    "DiT-DH-S": dict(hidden_size=384, depth=12, num_heads=6, **_DH_HEAD),
+    "DiT-DH-B": dict(hidden_size=768, depth=12, num_heads=12, **_DH_HEAD),
+    "DiT-DH-L": dict(hidden_size=1024, depth=24, num_heads=16, **_DH_HEAD),
+    "DiT-DH-XL": dict(hidden_size=1152, depth=28, num_heads=16, **_DH_HEAD),
+}
+TIME_EMBEDDING_TYPES = ("gaussian_fourier", "sinusoidal")
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed (grid_size**2, dim) table in the MAE/DiT layout: [sin, cos](column * w), [sin, cos](row * w)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    row, col = torch.meshgrid(coords, coords, indexing="ij")
+
+    def embed(position):
+        angles = position.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([embed(col), embed(row)], dim=1).float()
+
+
+def rope_tables_2d(head_dim: int, grid_size: int, theta: float = 1e4) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (grid_size**2, head_dim) of 2-D RoPE as EVA's VisionRotaryEmbeddingFast builds them:
+    the first half of each head rotates with the token's row, the second half with its column, and channels
+    rotate in adjacent pairs (2k, 2k+1) sharing one angle."""
+    half = head_dim // 2
+    freqs = 1.0 / theta ** (torch.arange(0, half, 2).float() / half)
+    angles = (torch.arange(grid_size).float()[:, None] * freqs).repeat_interleave(2, dim=1)  # (G, half)
+    g = grid_size
+    per_token = torch.cat([angles[:, None].expand(g, g, half), angles[None, :].expand(g, g, half)], dim=-1)
+    per_token = per_token.reshape(g * g, head_dim)
+    return per_token.cos(), per_token.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each adjacent channel pair (a, b) of x (..., N, head_dim) to (a cos - b sin, b cos + a sin)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return x * cos + rotated * sin
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) if shift is None else torch.addcmul(shift, x, 1 + scale)
+
+
+def build_norm(dim: int, use_rmsnorm: bool) -> nn.Module:
+    # LightningDiT's RMSNorm keeps a learnable scale; classic DiT uses an affine-free LayerNorm.
+    return nn.RMSNorm(dim, eps=1e-6) if use_rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+class TimestepEmbedder(nn.Module):
+    """Embeds t in [0, 1] into a vector: fixed frequency features -> MLP."""
+
+    def __init__(self, hidden_size: int, embedding_type: str, frequency_size: int = 256):
+        super().__init__()
+        self.embedding_type = embedding_type
+        if embedding_type == "gaussian_fourier":
+            # Fixed random frequencies W ~ N(0, 1) (official DiT^DH); a buffer, so saved and loaded with the model.
+            self.register_buffer("fourier_freqs", torch.randn(frequency_size))
+            frequency_size *= 2
+        else:  # classic DiT sinusoid frequencies, rebuilt from the config
+            half = frequency_size // 2
+            freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+            self.register_buffer("sinusoid_freqs", freqs, persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.float()
+        if self.embedding_type == "gaussian_fourier":
+            angles = t[:, None] * self.fourier_freqs.float()[None] * 2 * math.pi
+            features = torch.cat([angles.sin(), angles.cos()], dim=-1)
+        else:
+            angles = 1000 * t[:, None] * self.sinusoid_freqs.float()  # DiT's frequencies suit t in [0, 1000)
+            features = torch.cat([angles.cos(), angles.sin()], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with one extra row, id `num_classes`, for the null label of classifier-free guidance.
+    While training, labels are replaced by the null id with probability `dropout_prob`."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:
+            dropped = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
+            labels = torch.where(dropped, self.num_classes, labels)
+        return self.embedding_table(labels)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection, optional QK-norm and 2-D RoPE."""
+
+    def __init__(self, dim: int, num_heads: int, use_qknorm: bool, use_rmsnorm: bool, backend: str):
+        super().__init__()
+        self.num_heads = num_heads
+        self.backend = backend
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        # Official QK-norm: RMSNorm with the RMSNorm option, else a LayerNorm with affine and torch's eps.
+        qk_norm = (lambda: nn.RMSNorm(head_dim, eps=1e-6)) if use_rmsnorm else (lambda: nn.LayerNorm(head_dim))
+        self.q_norm = qk_norm() if use_qknorm else nn.Identity()
+        self.k_norm = qk_norm() if use_qknorm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = (table.to(q.dtype) for table in rope)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attention(q, k, v, self.backend)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU feed-forward: w3(SiLU(a) * b) with [a, b] = w12(x) from one fused projection."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+class GeluMlp(nn.Module):
+    """Classic DiT feed-forward with tanh-approximated GELU."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero conditioning.
+
+    `cond` arrives SiLU-activated (once per model, not once per block) and is (B, 1, D), shared by all tokens,
+    or (B, N, D), one condition per token (DiT^DH head)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, use_qknorm, use_swiglu, use_rmsnorm, wo_shift, backend):
+        super().__init__()
+        self.norm1 = build_norm(dim, use_rmsnorm)
+        self.attn = SelfAttention(dim, num_heads, use_qknorm, use_rmsnorm, backend)
+        self.norm2 = build_norm(dim, use_rmsnorm)
+        mlp_hidden = int(dim * mlp_ratio)
+        self.mlp = SwiGLU(dim, int(2 / 3 * mlp_hidden)) if use_swiglu else GeluMlp(dim, mlp_hidden)
+        # adaLN-Zero: the condition regresses per-channel shift/scale of each norm and a gate on each residual
+        # branch; the regressor is zero-initialised, so every block starts as the identity.
+        self.wo_shift = wo_shift
+        self.adaLN_modulation = nn.Linear(dim, (4 if wo_shift else 6) * dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, rope=None) -> torch.Tensor:
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(cond).chunk(4, dim=-1)
+            shift_msa = shift_mlp = None
+        else:
+            modulation = self.adaLN_modulation(cond).chunk(6, dim=-1)
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
+        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope))
+        return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+
+
+class FinalLayer(nn.Module):
+    """Norm, adaLN shift/scale (no gate; SiLU-activated `cond` as in the blocks), then tokens -> patch values."""
+
+    def __init__(self, dim: int, out_dim: int, use_rmsnorm: bool):
+        super().__init__()
+        self.norm_final = build_norm(dim, use_rmsnorm)
+        self.adaLN_modulation = nn.Linear(dim, 2 * dim)
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(cond).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class UAEDiT(ModelMixin, ConfigMixin):
+    """Class-conditional velocity model on a latent grid (B, in_channels, sample_size, sample_size).
+
+    The defaults are the paper's DiT^DH-XL on the 768x16x16 UAE/RAE latent with the official LightningDiT
+    options. `head_depth=0` gives a plain DiT. Class id `num_classes` is the null label for CFG.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["DiTBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 16,
+        patch_size: int = 1,
+        in_channels: int = 768,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        head_hidden_size: int | None = 2048,
+        head_depth: int = 2,
+        head_num_heads: int | None = 16,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        class_dropout_prob: float = 0.1,
+        use_swiglu: bool = True,
+        use_rmsnorm: bool = True,
+        use_rope: bool = True,
+        use_qknorm: bool = False,
+        use_pos_embed: bool = True,
+        wo_shift: bool = False,
+        time_embedding_type: str = "gaussian_fourier",
+        attention_backend: str = "sdpa",
+    ):
+        super().__init__()
+        check_attention_backend(attention_backend)
+        if time_embedding_type not in TIME_EMBEDDING_TYPES:
+            raise ValueError(f"time_embedding_type must be one of {TIME_EMBEDDING_TYPES}; got {time_embedding_type!r}")
+        if sample_size % patch_size:
+            raise ValueError(f"sample_size {sample_size} is not divisible by patch_size {patch_size}")
+        if not 0.0 <= class_dropout_prob <= 1.0:
+            raise ValueError(f"class_dropout_prob must lie in [0, 1]; got {class_dropout_prob}")
+        self.has_head = head_depth > 0
+        head_hidden_size = head_hidden_size or hidden_size
+        head_num_heads = head_num_heads or num_heads
+        widths = [("trunk", hidden_size, num_heads)] + ([("head", head_hidden_size, head_num_heads)] if self.has_head else [])
+        for name, width, heads in widths:
+            if width % heads or (use_rope and (width // heads) % 4):
+                raise ValueError(f"{name} width {width} must split into {heads} heads "
+                                 "(head_dim divisible by 4 for RoPE)")
+        if use_pos_embed and hidden_size % 4:
+            raise ValueError(f"hidden_size {hidden_size} must be divisible by 4 for the 2-D sin-cos pos-embed")
+        self.gradient_checkpointing = False
+
+        grid = sample_size // patch_size
+        patch_dim = in_channels * patch_size * patch_size
+        block_options = dict(mlp_ratio=mlp_ratio, use_qknorm=use_qknorm, use_swiglu=use_swiglu,
+                             use_rmsnorm=use_rmsnorm, wo_shift=wo_shift, backend=attention_backend)
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, time_embedding_type)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        if use_pos_embed:
+            self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, grid)[None], persistent=False)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, **block_options) for _ in range(depth))
+        if self.has_head:
+            widen = head_hidden_size != hidden_size
+            self.head_cond_proj = nn.Linear(hidden_size, head_hidden_size) if widen else nn.Identity()
+            self.head_x_embedder = nn.Conv2d(in_channels, head_hidden_size, patch_size, stride=patch_size)
+            self.head_blocks = nn.ModuleList(
+                DiTBlock(head_hidden_size, head_num_heads, **block_options) for _ in range(head_depth))
+        if use_rope:
+            for name, width, heads in widths:
+                cos, sin = rope_tables_2d(width // heads, grid)
+                self.register_buffer(f"{name}_rope_cos", cos, persistent=False)
+                self.register_buffer(f"{name}_rope_sin", sin, persistent=False)
+        self.final_layer = FinalLayer(head_hidden_size if self.has_head else hidden_size, patch_dim, use_rmsnorm)
+        self.initialize_weights()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "UAEDiT":
+        """A fresh model of a named size (DIT_PRESETS), with any other config values as keyword overrides."""
+        if name not in DIT_PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(DIT_PRESETS)}")
+        return cls(**{**DIT_PRESETS[name], **overrides})
+
+    def initialize_weights(self) -> None:
+        # DiT initialisation: xavier linears, patch embeds like linears, adaLN-Zero and output layer at zero.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for embedder in [self.x_embedder] + ([self.head_x_embedder] if self.has_head else []):
+            nn.init.xavier_uniform_(embedder.weight.view(embedder.weight.shape[0], -1))
+            nn.init.zeros_(embedder.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in list(self.blocks) + list(self.head_blocks if self.has_head else []):
+            nn.init.zeros_(block.adaLN_modulation.weight)
+            nn.init.zeros_(block.adaLN_modulation.bias)
+        for layer in (self.final_layer.adaLN_modulation, self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, sample: torch.Tensor, timestep, class_labels, return_dict: bool = True):
+        """sample (B, C, H, W) noisy latent, timestep float (B,) or scalar in [0, 1] (1 = noise),
+        class_labels int (B,) in [0, num_classes]. Returns the velocity eps - x, shaped like `sample`."""
+        timestep, class_labels = self._check_inputs(sample, timestep, class_labels)
+        t_emb = self.t_embedder(timestep)
+        cond = t_emb + self.y_embedder(class_labels)
+        if self.has_head:
+            cond = F.silu(cond)  # official DiT^DH: the trunk sees SiLU(t + y), then the usual adaLN SiLU again
+        cond = F.silu(cond[:, None])  # the adaLN input activation, shared by all blocks and the final layer
+        tokens = self._embed_patches(self.x_embedder, sample)
+        if self.config.use_pos_embed:
+            tokens = tokens + self.pos_embed
+        tokens = self._run_blocks(self.blocks, tokens, cond, self._rope("trunk"))
+        if self.has_head:
+            # The trunk's output (plus time) becomes a per-token condition for the head, which re-embeds x_t.
+            cond = F.silu(self.head_cond_proj(F.silu(tokens + t_emb[:, None])))
+            tokens = self._embed_patches(self.head_x_embedder, sample)
+            tokens = self._run_blocks(self.head_blocks, tokens, cond, self._rope("head"))
+        velocity = self._unpatchify(self.final_layer(tokens, cond))
+        return Transformer2DModelOutput(sample=velocity) if return_dict else (velocity,)
+
+    def _check_inputs(self, sample, timestep, class_labels) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.config
+        if sample.ndim != 4 or sample.shape[1] != config.in_channels:
+            raise ValueError(f"sample must be (B, in_channels={config.in_channels}, H, W); got {tuple(sample.shape)}")
+        batch, height, width = sample.shape[0], sample.shape[2], sample.shape[3]
+        if height % config.patch_size or width % config.patch_size:
+            raise ValueError(f"sample spatial size {height}x{width} is not divisible by patch_size {config.patch_size}")
+        if height != config.sample_size or width != config.sample_size:
+            raise ValueError(f"sample spatial size {height}x{width} differs from sample_size {config.sample_size} "
+                             "that the position embeddings were built for")
+        timestep = torch.as_tensor(timestep, device=sample.device)
+        timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep
+        if timestep.shape != (batch,):
+            raise ValueError(f"timestep must be a scalar or shaped ({batch},); got {tuple(timestep.shape)}")
+        class_labels = torch.as_tensor(class_labels, device=sample.device)
+        if class_labels.shape != (batch,) or class_labels.is_floating_point():
+            raise ValueError(f"class_labels must be integers shaped ({batch},); got {class_labels.dtype} "
+                             f"{tuple(class_labels.shape)}")
+        if class_labels.min() < 0 or class_labels.max() > config.num_classes:
+            raise ValueError(f"class_labels must lie in [0, {config.num_classes}] ({config.num_classes} is the null "
+                             f"label); got values in [{class_labels.min().item()}, {class_labels.max().item()}]")
+        return timestep, class_labels
+
+    def _rope(self, name: str):
+        return (getattr(self, f"{name}_rope_cos"), getattr(self, f"{name}_rope_sin")) if self.config.use_rope else None
+
+    def _run_blocks(self, blocks: nn.ModuleList, tokens, cond, rope) -> torch.Tensor:
+        for block in blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                tokens = self._gradient_checkpointing_func(block, tokens, cond, rope)
+            else:
+                tokens = block(tokens, cond, rope)
+        return tokens
+
+    @staticmethod
+    def _embed_patches(embedder: nn.Conv2d, sample: torch.Tensor) -> torch.Tensor:
+        return embedder(sample).flatten(2).transpose(1, 2)  # (B, N, D), tokens in row-major order
+
+    def _unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        # Each token holds a (p, p, C) patch, as in DiT and the official RAE code.
+        p, channels = self.config.patch_size, self.config.in_channels
+        grid = self.config.sample_size // p
+        patches = tokens.reshape(tokens.shape[0], grid, grid, p, p, channels)
+        return patches.permute(0, 5, 1, 3, 2, 4).reshape(tokens.shape[0], channels, grid * p, grid * p)
