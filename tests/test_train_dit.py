@@ -1,0 +1,236 @@
+"""train/train_dit.py: exact resume in a new process after a crash mid-checkpoint, two real ranks, the loss going
+down, the final pipeline, the sample grid, cache vs on-the-fly data, and the flags."""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from uae_gen.pipelines.pipeline_uae_dit import UAEDiTPipeline
+
+from uae_gen.data import load_demo_digits
+from uae_gen.models.autoencoder_uae import AutoencoderUAE
+from uae_gen.models.dit import UAEDiT
+from uae_gen.training import checkpointing, find_latest_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_DIT = REPO / "train" / "train_dit.py"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "train" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_dit, cache_latents = load_script("train_dit"), load_script("cache_latents")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train several times faster on one thread (two spin on OpenMP barriers), and in-process runs then
+    use the same thread count as the subprocesses (OMP_NUM_THREADS=1), which bit-exact comparisons need."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny random-weight UAE, a latent cache of 48 demo digits, and an ImageFolder of 24 of them."""
+    root = tmp_path_factory.mktemp("train_dit")
+    torch.manual_seed(0)
+    AutoencoderUAE.from_preset("tiny").save_pretrained(root / "vae")
+    cache_latents.main(cache_latents.parse_args([
+        "--vae", str(root / "vae"), "--dataset", "demo-digits", "--output_dir", str(root / "cache"),
+        "--max_samples", "48", "--batch_size", "48"]))
+    return root
+
+
+def tiny_args(data, output_dir, *extra):
+    return ["--config", "dit_tiny", "--latent_cache", str(data / "cache"), "--output_dir", str(output_dir),
+            "--train_batch_size", "8", "--validation_steps", "1000", *extra]
+
+
+def transformer_weights(checkpoint_dir, name):
+    return load_file(os.path.join(checkpoint_dir, name, "diffusion_pytorch_model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_crash_mid_checkpoint_then_new_process_resumes_bit_identically(data, tmp_path, monkeypatch):
+    # 48 samples, batch 8, accumulation 2: 3 steps per epoch, so the resume at step 4 is mid-epoch 1.
+    common = ["--max_train_steps", "8", "--checkpointing_steps", "4", "--gradient_accumulation_steps", "2",
+              "--ema_decay", "0.5"]
+    uninterrupted = tmp_path / "uninterrupted"
+    train_dit.main(train_dit.parse_args(tiny_args(data, uninterrupted, *common)))
+
+    # Run 2 crashes between writing checkpoint-8 and renaming it into place.
+    interrupted = tmp_path / "interrupted"
+    rename = os.rename
+
+    def crash_on_checkpoint_8(source, destination):
+        if os.path.basename(destination) == "checkpoint-8":
+            raise OSError("simulated kill")
+        rename(source, destination)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpointing.os, "rename", crash_on_checkpoint_8)
+        with pytest.raises(OSError, match="simulated kill"):
+            train_dit.main(train_dit.parse_args(tiny_args(data, interrupted, *common)))
+    assert (interrupted / ".tmp-checkpoint-8" / "transformer").is_dir()
+    assert find_latest_checkpoint(str(interrupted)) == str(interrupted / "checkpoint-4")
+    loaded = UAEDiT.from_pretrained(interrupted / "checkpoint-4" / "transformer")
+    assert_same_weights(loaded.state_dict(), UAEDiT.from_pretrained(uninterrupted / "checkpoint-4" / "transformer")
+                        .state_dict())
+
+    # A NEW process resumes from `latest` (checkpoint-4) and reaches step 8 with bit-identical weights.
+    command = [sys.executable, str(TRAIN_DIT), *tiny_args(data, interrupted, *common),
+               "--resume_from_checkpoint", "latest"]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((interrupted / "training_summary.json").read_text())
+    assert summary["resumed_from"] == str(interrupted / "checkpoint-4") and summary["global_step"] == 8
+    assert not (interrupted / ".tmp-checkpoint-8").exists()
+    for name in ("transformer", "transformer_ema"):
+        assert_same_weights(transformer_weights(interrupted / "checkpoint-8", name),
+                            transformer_weights(uninterrupted / "checkpoint-8", name))
+    reference = json.loads((uninterrupted / "training_summary.json").read_text())
+    assert summary["weights_sha256_per_rank"] == reference["weights_sha256_per_rank"]
+    assert summary["loss"]["curve"][-1] == reference["loss"]["curve"][-1]  # same last step loss
+
+
+def test_two_real_ranks_train_in_sync(data, tmp_path):
+    """ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 (not --cpu, which runs one process)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    output_dir = tmp_path / "ddp"
+    command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), str(TRAIN_DIT),
+               *tiny_args(data, output_dir, "--train_batch_size", "4", "--max_train_steps", "4",
+                          "--checkpointing_steps", "2", "--validation_steps", "2", "--num_validation_images", "2",
+                          "--validation_num_inference_steps", "2")]
+    result = subprocess.run(command, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 4 and summary["global_batch_size"] == 8
+    hashes = summary["weights_sha256_per_rank"]
+    assert len(hashes) == 2 and hashes[0] == hashes[1] and hashes[0]["ema"] is not None
+    files = set(os.listdir(output_dir / "checkpoint-4"))
+    assert {"random_states_0.pkl", "random_states_1.pkl", "transformer", "transformer_ema"} <= files
+    assert (output_dir / "samples" / "step-0000004.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """150 steps of DiT-tiny on the cached digits, with sample grids every 75 steps."""
+    output_dir = tmp_path_factory.mktemp("loss") / "run"
+    summary = train_dit.main(train_dit.parse_args(tiny_args(
+        data, output_dir, "--train_batch_size", "16", "--max_train_steps", "150", "--checkpointing_steps", "150",
+        "--validation_steps", "75", "--validation_num_inference_steps", "4")))
+    return output_dir, summary
+
+
+LOSS_FACTOR = 1.6  # measured 2.09-2.15 after 150 steps (first-tenth mean / last-tenth mean, seeds 0-2)
+
+
+def test_loss_goes_down_by_a_stated_factor(trained):
+    _, summary = trained
+    loss = summary["loss"]
+    assert summary["global_step"] == 150 and loss["window"] == 15
+    assert loss["first"] > 1.5  # a zero-initialised output layer starts near E|eps - x|^2 = 2
+    assert loss["first"] / loss["last"] > LOSS_FACTOR, loss
+
+
+def test_final_pipeline_loads_and_samples_with_the_ema_weights(data, trained):
+    output_dir, _ = trained
+    pipe = UAEDiTPipeline.from_pretrained(output_dir / "pipeline")
+    assert pipe.id2label[7] == "digit 7" and pipe.scheduler.config.latent_dim == 64 * 8 * 8
+    assert_same_weights(pipe.transformer.state_dict(),
+                        UAEDiT.from_pretrained(output_dir / "checkpoint-150" / "transformer_ema").state_dict())
+    cached_vae = AutoencoderUAE.from_pretrained(data / "cache" / "autoencoder")
+    assert torch.equal(pipe.vae.latents_mean, cached_vae.latents_mean)  # decodes with the training statistics
+    images = pipe(class_labels=["digit 1", 2], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                  output_type="pt").images
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    assert 0.0 <= images.min() and images.max() <= 1.0 and images.std() > 0
+    grid = Image.open(output_dir / "samples" / "step-0000150.png")
+    assert grid.size[0] > 4 * 32 and (output_dir / "samples" / "step-0000075.png").is_file()
+
+
+def test_images_on_the_fly_match_the_cache(data, tmp_path):
+    """The same images through --train_data_dir (encoded every step) and through a latent cache of them give the
+    same losses: one normalisation, one data order."""
+    folder = tmp_path / "images"
+    digits = load_demo_digits("train", image_size=32)
+    for index in range(24):
+        class_dir = folder / f"class_{int(digits.labels[index])}"
+        class_dir.mkdir(parents=True, exist_ok=True)
+        pixels = ((digits.images[index] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(class_dir / f"{index}.png")
+    cache_latents.main(cache_latents.parse_args(["--vae", str(data / "vae"), "--train_data_dir", str(folder),
+                                                 "--output_dir", str(tmp_path / "cache")]))
+    common = ["--max_train_steps", "3", "--no-random_flip", "--checkpointing_steps", "100"]
+    from_cache = train_dit.main(train_dit.parse_args([
+        "--config", "dit_tiny", "--latent_cache", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "a"),
+        "--train_batch_size", "8", *common]))
+    on_the_fly = train_dit.main(train_dit.parse_args([
+        "--config", "dit_tiny", "--train_data_dir", str(folder), "--vae", str(tmp_path / "cache" / "autoencoder"),
+        "--output_dir", str(tmp_path / "b"), "--train_batch_size", "8", *common]))
+    losses = [[loss for _, loss in run["loss"]["curve"]] for run in (from_cache, on_the_fly)]
+    assert len(losses[0]) == 3
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_flags_presets_and_overrides(data, tmp_path):
+    args = train_dit.parse_args(["--config", "dit_imagenet256", "--latent_cache", "somewhere", "--use_ema"])
+    assert (args.model, args.learning_rate, args.lr_end, args.ema_decay) == ("DiT-DH-XL", 2e-4, 2e-5, 0.9995)
+    assert (args.lr_scheduler, args.lr_warmup_epochs, args.lr_warmup_from_zero) == ("linear", 40, False)
+    assert (args.adam_beta2, args.num_train_epochs, args.time_shift, args.id2label) == (0.95, 800, "auto", "imagenet")
+    args = train_dit.parse_args(["--config", "dit_tiny", "--vae", "v", "--learning_rate", "0.5", "--time_shift", "2",
+                                 "--no-use_ema"])
+    assert (args.dataset, args.learning_rate, args.time_shift, args.use_ema) == ("demo-digits", 0.5, 2.0, False)
+    # A data source on the command line replaces the preset's.
+    args = train_dit.parse_args(["--config", "dit_tiny", "--latent_cache", "c"])
+    assert args.dataset is None and args.latent_cache == "c"
+
+    bad_preset = tmp_path / "bad.json"
+    bad_preset.write_text(json.dumps({"learning_rate": 1e-4, "lr_schedule": "linear"}))
+    with pytest.raises(ValueError, match="unknown or forbidden keys \\['lr_schedule'\\]"):
+        train_dit.parse_args(["--config", str(bad_preset), "--latent_cache", "c"])
+    bad_preset.write_text(json.dumps({"lr_scheduler": "exponential"}))
+    with pytest.raises(ValueError, match="lr_scheduler='exponential' is not one of"):
+        train_dit.parse_args(["--config", str(bad_preset), "--latent_cache", "c"])
+    with pytest.raises(FileNotFoundError, match="config 'nope' not found"):
+        train_dit.parse_args(["--config", "nope", "--latent_cache", "c"])
+    with pytest.raises(ValueError, match="exactly one data source"):
+        train_dit.parse_args(["--latent_cache", "c", "--dataset", "demo-digits"])
+    with pytest.raises(ValueError, match="--vae"):
+        train_dit.parse_args(["--dataset", "demo-digits"])
+    with pytest.raises(ValueError, match="lr_end"):
+        train_dit.parse_args(["--latent_cache", "c", "--lr_end", "1.0"])
+    with pytest.raises(SystemExit):
+        train_dit.parse_args(["--latent_cache", "c", "--time_shift", "-1"])
+
+    # A --vae whose statistics differ from the cache's would decode with the wrong normalisation.
+    with pytest.raises(ValueError, match="normalises latents differently"):
+        train_dit.main(train_dit.parse_args(tiny_args(data, tmp_path / "run", "--vae", str(data / "vae"))))
+    with pytest.raises(ValueError, match="--id2label"):
+        train_dit.main(train_dit.parse_args(tiny_args(data, tmp_path / "run", "--id2label", "imagenet")))
