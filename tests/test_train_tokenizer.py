@@ -1,0 +1,282 @@
+"""train/train_tokenizer.py: the three UAE stages chained on the tiny preset (stage 1 under `accelerate launch`,
+stages 2 and 3 in-process from the previous output), what each stage trains, the discriminator start step,
+validation PSNR, exact resume in a new process, flag / preset handling. Tiny random-weight models; no downloads."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from uae_gen.losses import LPIPS
+from uae_gen.models.autoencoder_uae import UAE_PRESETS, AutoencoderUAE
+from uae_gen.models.encoders import SemanticEncoder
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "train" / "train_tokenizer.py"
+# Measured on 16 held-out images: +7.0 / +6.9 / +6.6 dB after 20 steps (batch 8, seeds 0-2); we require +4 dB.
+PSNR_GAIN_DB, PSNR_STEPS = 4.0, 20
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_tokenizer", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_tokenizer = _load_script()
+
+
+def run_in_process(argv):
+    return train_tokenizer.main(train_tokenizer.parse_args([str(a) for a in argv]))
+
+
+def tiny_argv(stage, output_dir, steps, *extra):
+    return ["--config", "tiny", "--stage", stage, "--output_dir", output_dir, "--max_train_steps", steps, *extra]
+
+
+def read_json(path):
+    with open(path) as file:
+        return json.load(file)
+
+
+def checkpoint_autoencoder(checkpoint_dir, name="autoencoder"):
+    return load_file(os.path.join(checkpoint_dir, name, "diffusion_pytorch_model.safetensors"))
+
+
+def encoder_tensors(state):
+    prefix = "encoder.backbone."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("train_tokenizer")
+
+
+@pytest.fixture(scope="module")
+def encoder_file(workdir):
+    """The '--pretrained_encoder': a random SemanticEncoder of the tiny preset, saved as safetensors."""
+    tiny = UAE_PRESETS["tiny"]
+    torch.manual_seed(0)
+    encoder = SemanticEncoder(input_size=tiny["encoder_input_size"], model_kwargs=tiny["encoder_kwargs"])
+    path = str(workdir / "tiny_encoder.safetensors")
+    save_file({k: v.contiguous() for k, v in encoder.backbone.state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stage1(workdir, encoder_file):
+    output_dir = workdir / "stage1"
+    script_argv = tiny_argv(1, output_dir, PSNR_STEPS, "--pretrained_encoder", encoder_file, "--train_batch_size", 8,
+                            "--validation_steps", PSNR_STEPS, "--checkpointing_steps", PSNR_STEPS,
+                            "--num_validation_images", 16)
+    command = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(SCRIPT), *map(str, script_argv)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def stage2(workdir, stage1, encoder_file, random_vgg_file):
+    teachers, make_teacher = [], train_tokenizer.make_teacher
+
+    def capture_teacher(encoder):
+        teachers.append(make_teacher(encoder))
+        return teachers[-1]
+
+    output_dir = workdir / "stage2"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_tokenizer, "make_teacher", capture_teacher)
+        summary = run_in_process(tiny_argv(
+            2, output_dir, 2, "--init_from", stage1, "--pretrained_encoder", encoder_file, "--train_batch_size", 4,
+            "--gradient_accumulation_steps", 2, "--lpips_weight", 0.5, "--lpips_vgg_weights", random_vgg_file,
+            "--validation_steps", 100, "--checkpointing_steps", 2, "--num_validation_images", 16))
+    return output_dir, summary, teachers
+
+
+@pytest.fixture(scope="module")
+def random_vgg_file(workdir):
+    path = str(workdir / "vgg16_random.safetensors")
+    torch.manual_seed(0)
+    features = LPIPS(random_weights=True).features.state_dict()
+    save_file({f"features.{k}": v.contiguous() for k, v in features.items()}, path)
+    return path
+
+
+def test_stage1_under_accelerate_launch_freezes_the_encoder_and_improves_psnr(stage1, encoder_file):
+    initial = load_file(encoder_file)
+    final = AutoencoderUAE.from_pretrained(stage1)  # the EMA weights
+    live = encoder_tensors(checkpoint_autoencoder(stage1 / f"checkpoint-{PSNR_STEPS}"))
+    for state in (encoder_tensors(final.state_dict()), live):
+        assert state.keys() == initial.keys()
+        assert all(torch.equal(state[k], initial[k]) for k in initial)  # bit-identical: never trained
+
+    summary = read_json(stage1 / "training_summary.json")
+    assert summary["global_step"] == PSNR_STEPS and summary["trained"] == ["decoder", "modulator"]
+    assert summary["losses"] == ["l1"] and summary["band_noise"] is False
+    validation = read_json(stage1 / "validation.json")
+    assert [entry["step"] for entry in validation] == [0, PSNR_STEPS]
+    assert validation[1]["psnr"] >= validation[0]["psnr"] + PSNR_GAIN_DB, validation
+    assert (stage1 / "validation" / f"step-{PSNR_STEPS:07d}.png").is_file()
+
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert final(images).sample.shape == (2, 3, 32, 32)
+
+
+def test_stage2_starts_from_stage1_trains_the_encoder_against_a_fixed_teacher(stage1, stage2, encoder_file):
+    output_dir, summary, teachers = stage2
+    initial = load_file(encoder_file)
+    # Stage 2's first evaluation is stage 1's output (its EMA weights) on the same held-out images.
+    assert summary["validation"][0]["psnr"] == pytest.approx(read_json(stage1 / "validation.json")[-1]["psnr_ema"],
+                                                             abs=1e-4)
+    live = encoder_tensors(checkpoint_autoencoder(output_dir / "checkpoint-2"))
+    final = encoder_tensors(AutoencoderUAE.from_pretrained(output_dir).state_dict())
+    for state in (live, final):
+        assert any(not torch.equal(state[k], initial[k]) for k in initial)  # the encoder trained
+
+    (teacher,) = teachers
+    teacher_state = teacher.backbone.state_dict()
+    assert all(torch.equal(teacher_state[k], initial[k]) for k in initial)  # unchanged after training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert summary["trained"] == ["decoder", "modulator", "encoder"]
+    assert summary["losses"] == ["l1", "lpips", "semantic"]
+
+
+def test_stage3_noise_gan_and_no_discriminator_update_before_its_start(workdir, stage2):
+    initial_discriminators = []
+    original = train_tokenizer.DinoDiscriminator
+
+    def capture_discriminator(**kwargs):
+        discriminator = original(**kwargs)
+        initial_discriminators.append({k: v.clone() for k, v in discriminator.state_dict().items()})
+        return discriminator
+
+    output_dir = workdir / "stage3"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_tokenizer, "DinoDiscriminator", capture_discriminator)
+        summary = run_in_process(tiny_argv(
+            3, output_dir, 3, "--init_from", stage2[0], "--train_batch_size", 4, "--discriminator_start_step", 2,
+            "--gan_start_step", 1, "--checkpointing_steps", 1, "--checkpoints_total_limit", 3,
+            "--validation_steps", 3, "--num_validation_images", 4))
+    (initial,) = initial_discriminators
+    states = {step: load_file(output_dir / f"checkpoint-{step}" / "model.safetensors") for step in (1, 2, 3)}
+    d_optimizer = {step: torch.load(output_dir / f"checkpoint-{step}" / "optimizer_1.bin", weights_only=True)
+                   for step in (1, 2, 3)}
+    for step in (1, 2):  # optimisation steps 0 and 1 come before --discriminator_start_step 2
+        assert states[step].keys() == initial.keys()
+        assert all(torch.equal(states[step][k], initial[k]) for k in initial)
+        assert d_optimizer[step]["state"] == {}
+    assert any(not torch.equal(states[3][k], initial[k]) for k in initial if k.startswith("heads."))
+    assert all(torch.equal(states[3][k], initial[k]) for k in initial if k.startswith("backbone."))  # frozen
+    assert {int(s["step"]) for s in d_optimizer[3]["state"].values()} == {1}
+
+    assert summary["band_noise"] is True
+    assert summary["losses"] == ["discriminator", "generator", "l1", "semantic"]
+    assert AutoencoderUAE.from_pretrained(output_dir).config.image_size == 32
+
+
+def test_resume_in_a_new_process_is_exact(workdir, encoder_file):
+    """N = 3 steps + checkpoint, then a new process resumes to 2N; compared with an uninterrupted 2N-step run
+    (in-process). 10 images in batches of 4 make 2 steps per epoch, so the resume lands mid-epoch 1 and crosses
+    into epoch 2; D updates and the G adversarial term are on from step 1, EMA decay 0.9."""
+
+    def argv(output_dir, steps):
+        return tiny_argv(3, output_dir, steps, "--pretrained_encoder", encoder_file, "--max_train_samples", 10,
+                         "--train_batch_size", 4, "--checkpointing_steps", 3, "--validation_steps", 100,
+                         "--num_validation_images", 4, "--discriminator_start_step", 1, "--gan_start_step", 1,
+                         "--ema_decay", 0.9)
+
+    uninterrupted, resumed = workdir / "uninterrupted", workdir / "resumed"
+    run_in_process(argv(uninterrupted, 6))
+    run_in_process(argv(resumed, 3))
+    command = [sys.executable, str(SCRIPT), *map(str, argv(resumed, 6)), "--resume_from_checkpoint", "latest"]
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_json(resumed / "training_summary.json")["resumed_from"].endswith("checkpoint-3")
+
+    a, b = uninterrupted / "checkpoint-6", resumed / "checkpoint-6"
+    for name in ("autoencoder", "autoencoder_ema"):
+        first, second = checkpoint_autoencoder(a, name), checkpoint_autoencoder(b, name)
+        assert all(torch.equal(first[k], second[k]) for k in first)
+    first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")  # discriminator
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    for name in ("optimizer.bin", "optimizer_1.bin"):  # autoencoder and discriminator AdamW states
+        first, second = torch.load(a / name, weights_only=True), torch.load(b / name, weights_only=True)
+        assert first["state"].keys() == second["state"].keys() and first["state"]
+        for index, state in first["state"].items():
+            assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(second["state"][index][k]))
+                       for k, v in state.items())
+    ema_run = load_file(uninterrupted / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(ema_run[k], v) for k, v in checkpoint_autoencoder(a, "autoencoder_ema").items())
+
+
+def test_stage3_with_every_loss_runs_under_bf16_mixed_precision(workdir, encoder_file, random_vgg_file):
+    """The ImageNet preset trains in bf16: model outputs, LPIPS, the teacher and the discriminator must cope.
+    A subprocess, because accelerate fixes the precision once per process."""
+    output_dir = workdir / "bf16"
+    argv = tiny_argv(3, output_dir, 2, "--pretrained_encoder", encoder_file, "--mixed_precision", "bf16",
+                     "--train_batch_size", 4, "--lpips_weight", 1, "--lpips_vgg_weights", random_vgg_file,
+                     "--discriminator_start_step", 0, "--gan_start_step", 0, "--num_validation_images", 4)
+    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, argv)], cwd=REPO,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = read_json(output_dir / "training_summary.json")
+    assert summary["losses"] == ["discriminator", "generator", "l1", "lpips", "semantic"]
+    assert all(torch.isfinite(torch.tensor(value)) for value in summary["last_logs"].values())
+    assert AutoencoderUAE.from_pretrained(output_dir).dtype == torch.float32
+
+
+def test_presets_and_overrides():
+    parse = train_tokenizer.parse_args
+    tiny3 = parse(["--config", "tiny", "--stage", "3", "--learning_rate", "0.123"])
+    assert tiny3.learning_rate == 0.123  # the command line wins over the preset
+    assert tiny3.discriminator_start_step == 20 and tiny3.band_noise is True  # stage-specific key, stage 3 default
+    assert parse(["--config", "tiny", "--stage", "1"]).band_noise is False
+    assert parse(["--config", "tiny", "--stage", "3", "--no-band_noise"]).band_noise is False
+
+    # method.md 2.1 (v1): 64 then 32 per GPU, 2e-4 then 5e-5 -> 1e-5 cosine, EMA 0.9999 / 0.999, GAN 0.75 adaptive.
+    common = ["--config", str(REPO / "train" / "configs" / "tokenizer_imagenet256.json"), "--train_data_dir", "x",
+              "--lpips_vgg_weights", "vgg.safetensors", "--stage"]
+    s1, s2, s3 = (parse(common + [str(stage)]) for stage in (1, 2, 3))
+    assert (s1.train_batch_size, s1.learning_rate, s1.ema_decay, s1.lpips_weight) == (64, 2e-4, 0.9999, 0.0)
+    assert (s2.train_batch_size, s2.semantic_weight, s2.lpips_weight, s2.encoder_lr_ratio) == (32, 0.1, 1.0, 1.0)
+    assert (s3.learning_rate, s3.adam_beta1, s3.adam_beta2, s3.ema_decay) == (5e-5, 0.5, 0.9, 0.999)
+    assert s3.learning_rate * s3.lr_final_ratio == pytest.approx(1e-5)
+    assert (s3.gan_weight, s3.discriminator_learning_rate, s3.diffaugment_cutout) == (0.75, 1e-4, 0.2)
+    assert s3.band_noise is True and s3.lr_scheduler == "cosine"
+    assert s1.pretrained_encoder == s3.pretrained_encoder == "timm/vit_base_patch14_reg4_dinov2.lvd142m"
+
+
+def test_bad_flags_raise_clear_errors(tmp_path):
+    parse = train_tokenizer.parse_args
+    base = ["--dataset", "demo-digits", "--random_encoder"]
+    with pytest.raises(ValueError, match="lpips_vgg_weights"):
+        parse(["--stage", "2", *base, "--lpips_weight", "1"])
+    with pytest.raises(ValueError, match="discriminator_weights"):
+        parse(["--stage", "3", *base])
+    with pytest.raises(ValueError, match="initial weights"):
+        parse(["--stage", "1", "--dataset", "demo-digits"])
+    with pytest.raises(ValueError, match="exactly one of"):
+        parse(["--stage", "1", "--random_encoder"])
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        parse(["--stage", "2", *base, "--init_from", str(tmp_path / "missing")])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        parse(["--stage", "1", *base, "--config", "no-such-preset"])
+    preset = tmp_path / "bad.json"
+    preset.write_text(json.dumps({"learning_rat": 1.0}))
+    with pytest.raises(ValueError, match="learning_rat"):
+        parse(["--stage", "1", *base, "--config", str(preset)])
+    preset.write_text(json.dumps({"stages": {"1": {"lr_scheduler": "cosin"}}}))
+    with pytest.raises(ValueError, match="cosin"):
+        parse(["--stage", "1", *base, "--config", str(preset)])
