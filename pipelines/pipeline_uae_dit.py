@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor

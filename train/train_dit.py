@@ -41,11 +41,13 @@ from uae_gen.training import (
     EMA,
     LR_SCHEDULES,
     EpochShuffleSampler,
+    batch_seed,
     checkpoint_step,
     get_lr_scheduler,
     resolve_resume_path,
     resume_position,
     save_checkpoint,
+    write_json,
     save_image_grid,
 )
 
@@ -203,11 +205,6 @@ def resolve_id2label(source: str, data_id2label: dict) -> dict:
     return id2label
 
 
-def batch_seed(seed: int, epoch: int, batch_index: int, rank: int) -> int:
-    """An independent RNG seed per (run seed, epoch, batch within the epoch, process)."""
-    return int(np.random.SeedSequence([seed, epoch, batch_index, rank]).generate_state(1)[0])
-
-
 def weights_sha256(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -226,12 +223,6 @@ def loss_summary(losses: list, start_step: int, max_points: int = 50) -> dict:
              for i in range(0, len(losses), chunk)]
     return {"first": float(np.mean(losses[:window])), "last": float(np.mean(losses[-window:])),
             "min": float(np.min(losses)), "window": window, "curve": curve}
-
-
-def write_json(path: str, value) -> None:
-    with open(path + ".tmp", "w") as file:
-        json.dump(value, file, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -29,7 +29,6 @@ import math
 import os
 import time
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -57,11 +56,13 @@ from uae_gen.training import (
     EMA,
     LR_SCHEDULES,
     EpochShuffleSampler,
+    batch_seed,
     checkpoint_step,
     get_lr_scheduler,
     resolve_resume_path,
     resume_position,
     save_checkpoint,
+    write_json,
     save_image_grid,
 )
 
@@ -223,17 +224,6 @@ def reconstruct(model: AutoencoderUAE, images: torch.Tensor, batch_size: int) ->
                        for batch in images.split(batch_size)])
     model.train(was_training)
     return recon, psnr((recon + 1) / 2, (images + 1) / 2).mean().item()
-
-
-def batch_seed(seed: int, epoch: int, batch_index: int, rank: int) -> int:
-    """An independent RNG seed per (run seed, epoch, batch within the epoch, process)."""
-    return int(np.random.SeedSequence([seed, epoch, batch_index, rank]).generate_state(1)[0])
-
-
-def write_json(path: str, value) -> None:
-    with open(path + ".tmp", "w") as file:
-        json.dump(value, file, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -7,8 +7,9 @@ from .checkpointing import (
     find_latest_checkpoint,
     resolve_resume_path,
     save_checkpoint,
+    write_json,
 )
-from .data_order import EpochShuffleSampler, ResumePosition, resume_position
+from .data_order import EpochShuffleSampler, batch_seed, ResumePosition, resume_position
 from .ema import EMA
 from .image_grid import save_image_grid
 from .lr_schedule import LR_SCHEDULES, get_lr_scheduler
@@ -26,4 +27,6 @@ __all__ = [
     "resume_position",
     "save_checkpoint",
     "save_image_grid",
+    "write_json",
+    "batch_seed",
 ]

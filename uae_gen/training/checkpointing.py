@@ -113,3 +113,10 @@ def resolve_resume_path(output_dir: str, resume_from_checkpoint: Optional[str]) 
         raise FileNotFoundError(f"checkpoint {resume_from_checkpoint!r} not found (also looked in {output_dir!r})")
     checkpoint_step(path)  # raises if the folder is incomplete
     return path
+
+
+def write_json(path: str, value) -> None:
+    """Write JSON through a temp file and an atomic rename: a reader never sees half a file."""
+    with open(path + ".tmp", "w") as file:
+        json.dump(value, file, indent=2)
+    os.replace(path + ".tmp", path)

@@ -17,6 +17,7 @@ Use the skipping loader for the first resumed epoch only (accelerate#1451).
 
 from typing import Iterator, NamedTuple, Sized
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -60,3 +61,9 @@ def resume_position(global_step: int, batches_per_epoch: int, gradient_accumulat
     steps_per_epoch = -(-batches_per_epoch // gradient_accumulation_steps)
     epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
     return ResumePosition(epoch, steps_into_epoch * gradient_accumulation_steps)
+
+
+def batch_seed(seed: int, epoch: int, batch_index: int, rank: int) -> int:
+    """An independent RNG seed per (run seed, epoch, batch within the epoch, process): training draws seeded from
+    it do not depend on hidden RNG state, so a resumed run makes exactly the same draws."""
+    return int(np.random.SeedSequence([seed, epoch, batch_index, rank]).generate_state(1)[0])
