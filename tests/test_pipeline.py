@@ -124,3 +124,17 @@ def test_custom_id2label_travels_with_the_pipeline(tmp_path):
 def test_bad_input_raises(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pipe(**{"num_inference_steps": 2, **kwargs})
+
+
+def test_cli_generate_writes_a_grid(pipe, tmp_path):
+    from PIL import Image
+
+    from uae_gen.cli import main
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "grid.png"
+    main(["generate", "--pipeline", str(tmp_path / "pipe"), "--class-labels", "3", "golden retriever",
+          "--steps", "2", "--out", str(out)])
+    assert Image.open(out).size[1] >= 32 and Image.open(out).size[0] >= 64
+    with pytest.raises(SystemExit):
+        main(["generate", "--pipeline", str(tmp_path / "pipe"), "--class-labels", "5000", "--out", str(out)])
