@@ -221,15 +221,20 @@ def test_resume_in_a_new_process_is_exact(workdir, encoder_file):
     assert all(torch.equal(ema_run[k], v) for k, v in checkpoint_autoencoder(a, "autoencoder_ema").items())
 
 
-def test_stage3_with_every_loss_runs_under_bf16_mixed_precision(workdir, encoder_file, random_vgg_file):
-    """The ImageNet preset trains in bf16: model outputs, LPIPS, the teacher and the discriminator must cope.
-    A subprocess, because accelerate fixes the precision once per process."""
+def test_stage3_under_accelerate_launch_from_stage2_with_every_loss_in_bf16(workdir, stage2, encoder_file,
+                                                                           random_vgg_file):
+    """Stage 3 under `accelerate launch`, chained from stage 2's output. The ImageNet preset trains in bf16: model
+    outputs, LPIPS, the teacher and the discriminator must cope (a subprocess: accelerate fixes the precision once
+    per process)."""
     output_dir = workdir / "bf16"
-    argv = tiny_argv(3, output_dir, 2, "--pretrained_encoder", encoder_file, "--mixed_precision", "bf16",
+    argv = tiny_argv(3, output_dir, 2, "--init_from", stage2[0], "--pretrained_encoder", encoder_file,
+                     "--mixed_precision", "bf16",
                      "--train_batch_size", 4, "--lpips_weight", 1, "--lpips_vgg_weights", random_vgg_file,
                      "--discriminator_start_step", 0, "--gan_start_step", 0, "--num_validation_images", 4)
-    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, argv)], cwd=REPO,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    command = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "bf16",
+               "--dynamo_backend", "no", str(SCRIPT), *map(str, argv)]
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"},
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = read_json(output_dir / "training_summary.json")
     assert summary["losses"] == ["discriminator", "generator", "l1", "lpips", "semantic"]
