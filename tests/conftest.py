@@ -2,4 +2,18 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models train several times faster on one thread (two spin on OpenMP barriers), and in-process runs then
+    use the same thread count as the subprocesses (OMP_NUM_THREADS=1), which bit-exact comparisons need."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -29,14 +29,7 @@ def load_script(name: str):
 cache_latents = load_script("cache_latents")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train several times faster on one thread (two spin on OpenMP barriers), and in-process runs then
-    use the same thread count as the subprocesses (OMP_NUM_THREADS=1), which bit-exact comparisons need."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cache_args(vae_dir, output_dir, *extra):
