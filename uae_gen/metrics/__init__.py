@@ -1,5 +1,5 @@
 """Evaluation metrics: generation (FID, IS, precision/recall, KID via torch-fidelity features), reconstruction
-(PSNR, SSIM) and ADM npz sample files."""
+(PSNR, SSIM), linear probe accuracy and ADM npz sample files."""
 
 from .fidelity import (
     UInt8ImageDataset,
@@ -18,6 +18,7 @@ from .generation import (
     kernel_inception_distance,
     precision_recall,
 )
+from .linear_probe import linear_probe_accuracy, pooled_features
 from .npz import SamplesNpz, images_to_uint8, load_samples_npz, save_samples_npz
 from .reconstruction import psnr, quantize_to_uint8_levels, ssim
 
@@ -34,8 +35,10 @@ __all__ = [
     "images_to_uint8",
     "inception_score",
     "kernel_inception_distance",
+    "linear_probe_accuracy",
     "load_reference_stats",
     "load_samples_npz",
+    "pooled_features",
     "precision_recall",
     "psnr",
     "quantize_to_uint8_levels",
