@@ -1,0 +1,247 @@
+"""``uae-gen demo``: train, sample and score a tiny UAE tokenizer + DiT on the built-in digits, offline on a CPU.
+
+Every training step goes through the real scripts (train/train_tokenizer.py stages 1-3, train/cache_latents.py,
+train/train_dit.py), called in this process through their ``parse_args`` / ``main`` with the tiny presets; the
+demo only chooses step counts from the time budget and scores the result:
+
+* a judge (timm resnet10t, uae_gen.demo_classifiers) trained on the train split, never seen by the generator,
+  scores held-out real images and generated samples (class accuracy) and gives the feature space of the FID;
+* the tokenizer starts from a RANDOM encoder (the tiny preset allows it: the tiny DINOv2-architecture teacher did
+  not learn on this set), so the band-0 probe is compared with the probe of that frozen initial encoder;
+* the band-0 linear probe is a logistic regression on 2x2-average-pooled band-0 features of the raw latent
+  (1x1 pooling would make band 0 equal to the full latent's channel means).
+
+Writes to ``out_dir``: samples.png, bands.png, reconstructions.png, metrics.json and pipeline/.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import uae_gen
+
+from .data import load_demo_digits
+from .demo_classifiers import accuracy, build_judge, penultimate_features, predict, train_classifier
+from .metrics import frechet_distance_from_features, psnr
+from .models.autoencoder_uae import AutoencoderUAE
+from .pipelines.pipeline_uae_dit import UAEDiTPipeline
+from .training import save_image_grid
+
+DEFAULT_MINUTES = 12.0
+# Step counts at the default budget; each scales linearly with `minutes` and is clamped below by MIN_STEPS.
+# Stage 3 (GAN, discriminator) costs about 8x a stage-1 step, hence few steps; sampling counts scale the same way.
+FULL_BUDGET_STEPS = {"judge": 150, "tokenizer_1": 250, "tokenizer_2": 100, "tokenizer_3": 20, "dit": 600,
+                     "samples_per_class": 20, "inference_steps": 20}
+MIN_STEPS = {"judge": 4, "tokenizer_1": 2, "tokenizer_2": 2, "tokenizer_3": 2, "dit": 4,
+             "samples_per_class": 2, "inference_steps": 4}
+GUIDANCE_SCALE = 4.0
+
+
+def step_counts(minutes: float) -> dict[str, int]:
+    """Training steps of each phase for a budget of `minutes` (the default budget gives FULL_BUDGET_STEPS)."""
+    if not (math.isfinite(minutes) and minutes > 0):
+        raise ValueError(f"minutes must be a positive number, got {minutes}")
+    scale = minutes / DEFAULT_MINUTES
+    counts = {name: max(MIN_STEPS[name], round(steps * scale)) for name, steps in FULL_BUDGET_STEPS.items()}
+    counts["inference_steps"] = min(counts["inference_steps"], FULL_BUDGET_STEPS["inference_steps"])
+    return counts
+
+
+def load_train_script(name: str):
+    """Import train/<name>.py of the source checkout this package is installed from."""
+    path = Path(uae_gen.__file__).resolve().parents[1] / "train" / f"{name}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the demo runs the training scripts of a source checkout; run it "
+                                f"from a source checkout installed with pip install -e .")
+    spec = importlib.util.spec_from_file_location(f"uae_gen_train_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(module, argv: list) -> dict:
+    """parse_args + main of a train/ script, with a fresh accelerate state (each main builds its Accelerator)."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    return module.main(module.parse_args([str(a) for a in argv]))
+
+
+def train_tokenizer(train_tokenizer_module, work_dir: Path, steps: dict, seed: int) -> Path:
+    """Tokenizer stages 1 -> 2 -> 3, each from the previous one's (EMA) output; returns the stage-3 folder."""
+    previous = None
+    for stage in (1, 2, 3):
+        n = steps[f"tokenizer_{stage}"]
+        output_dir = work_dir / f"tokenizer-stage{stage}"
+        argv = ["--config", "tiny", "--stage", stage, "--output_dir", output_dir, "--dataset", "demo-digits",
+                "--max_train_steps", n, "--checkpointing_steps", n + 1, "--validation_steps", n,
+                "--mixed_precision", "no", "--seed", seed]
+        argv += ["--random_encoder"] if previous is None else ["--init_from", previous]
+        if stage == 3:  # the GAN schedule scaled to the stage length (preset: D from 20, G from 50 of 200)
+            argv += ["--discriminator_start_step", n // 10, "--gan_start_step", n // 4]
+        run_script(train_tokenizer_module, argv)
+        previous = output_dir
+    return previous
+
+
+@torch.no_grad()
+def raw_latents(vae: AutoencoderUAE, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    return torch.cat([vae.encode_raw(chunk) for chunk in images.split(batch_size)])
+
+
+def probe_features(z: torch.Tensor) -> np.ndarray:
+    """2x2-average-pooled raw latent (or band of it), flattened: (N, C * h/2 * w/2)."""
+    return F.avg_pool2d(z, 2).flatten(1).numpy()
+
+
+def linear_probe_top1(train_features, train_labels, test_features, test_labels) -> float:
+    """Held-out top-1 of a standardised multinomial logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=0.1))
+    probe.fit(train_features, train_labels.numpy())
+    return float(probe.score(test_features, test_labels.numpy()))
+
+
+def band0_probes(initial_vae, final_vae, train, heldout) -> dict[str, float]:
+    """Band-0 probe of the trained tokenizer vs the probes of the frozen initial encoder (full latent, band 0)."""
+    latents = {(name, split.split): raw_latents(vae, split.images)
+               for name, vae in (("final", final_vae), ("initial", initial_vae)) for split in (train, heldout)}
+    views = {"band0_probe_top1": ("final", lambda z: final_vae.split_bands(z)[:, 0]),
+             "reference_encoder_probe_top1": ("initial", lambda z: z),
+             "reference_encoder_band0_probe_top1": ("initial", lambda z: initial_vae.split_bands(z)[:, 0])}
+    return {metric: linear_probe_top1(probe_features(view(latents[name, "train"])), train.labels,
+                                      probe_features(view(latents[name, "heldout"])), heldout.labels)
+            for metric, (name, view) in views.items()}
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderUAE, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """Eval-mode reconstructions in [-1, 1] (clamped)."""
+    return torch.cat([vae.decode_raw(vae.encode_raw(c))[0] for c in images.split(batch_size)]).clamp(-1, 1)
+
+
+def generate(pipe: UAEDiTPipeline, num_classes: int, per_class: int, inference_steps: int, seed: int):
+    """(images in [-1, 1] ordered class by class, their labels, band previews of the first sample of each class)."""
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    generator = torch.Generator().manual_seed(seed)
+    output = pipe(class_labels=labels.tolist(), guidance_scale=GUIDANCE_SCALE, num_inference_steps=inference_steps,
+                  generator=generator, output_type="pt", return_band_previews=True)
+    first_of_class = labels.new_tensor([k * per_class for k in range(num_classes)])
+    previews = torch.cat([p[first_of_class] for p in output.band_previews] + [output.images[first_of_class]])
+    return output.images * 2 - 1, labels, previews
+
+
+def run_demo(out_dir: str = "uae_gen_demo", minutes: float = DEFAULT_MINUTES, seed: int = 0) -> dict:
+    """Train the judge, the tokenizer (3 stages), the latent cache and the DiT; sample and score. Returns metrics."""
+    steps = step_counts(minutes)
+    out = Path(out_dir)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    scripts = {name: load_train_script(name) for name in ("train_tokenizer", "cache_latents", "train_dit")}
+    torch.manual_seed(seed)
+    wall, started = {}, time.time()
+
+    def lap(name: str, since: float) -> float:
+        wall[name] = round(time.time() - since, 1)
+        return time.time()
+
+    t = time.time()
+    train, heldout = load_demo_digits("train", seed=seed), load_demo_digits("heldout", seed=seed)
+    judge = train_classifier(build_judge(train.num_classes), train.images, train.labels, steps["judge"], seed=seed,
+                             description="judge")
+    t = lap("judge_s", t)
+
+    tokenizer_dir = train_tokenizer(scripts["train_tokenizer"], work, steps, seed)
+    t = lap("tokenizer_s", t)
+
+    cache_dir = work / "latents"
+    run_script(scripts["cache_latents"], ["--vae", tokenizer_dir, "--output_dir", cache_dir, "--dataset", "demo-digits",
+                                          "--seed", seed, "--overwrite"])
+    t = lap("cache_latents_s", t)
+
+    dit_dir = work / "dit"
+    n = steps["dit"]
+    run_script(scripts["train_dit"], ["--config", "dit_tiny", "--latent_cache", cache_dir, "--output_dir", dit_dir,
+                                      "--max_train_steps", n, "--checkpointing_steps", n + 1, "--validation_steps", n,
+                                      "--mixed_precision", "no", "--seed", seed])
+    pipeline_dir = out / "pipeline"
+    pipe = UAEDiTPipeline.from_pretrained(dit_dir / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(pipeline_dir)
+    t = lap("dit_s", t)
+
+    per_class = steps["samples_per_class"]
+    images, labels, previews = generate(pipe, train.num_classes, per_class, steps["inference_steps"], seed)
+    t = lap("sampling_s", t)
+
+    # ---- scores --------------------------------------------------------------------------------------------
+    vae = pipe.vae.eval()
+    initial_vae = AutoencoderUAE.from_pretrained(work / "tokenizer-stage1").eval()  # stage 1 keeps the encoder frozen
+    recon = reconstruct(vae, heldout.images)
+    real_features = penultimate_features(judge, heldout.images).numpy()
+    floor_index = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[: len(images)]
+    metrics = {
+        "tokenizer_heldout_psnr": psnr((recon + 1) / 2, (heldout.images + 1) / 2).mean().item(),
+        **band0_probes(initial_vae, vae, train, heldout),
+        "judge_heldout_accuracy": accuracy(predict(judge, heldout.images), heldout.labels),
+        "judge_generated_accuracy": accuracy(predict(judge, images), labels),
+        "judge_fid_generated_vs_heldout": frechet_distance_from_features(
+            penultimate_features(judge, images).numpy(), real_features),
+        "judge_fid_train_vs_heldout_floor": frechet_distance_from_features(
+            penultimate_features(judge, train.images[floor_index]).numpy(), real_features),
+        "guidance_scale": GUIDANCE_SCALE, "num_inference_steps": steps["inference_steps"],
+        "num_generated": len(images), "steps": steps, "minutes_budget": minutes, "seed": seed,
+    }
+    lap("scoring_s", t)
+    wall["total_s"] = round(time.time() - started, 1)
+    metrics["wall_time"] = wall
+
+    # ---- pictures ------------------------------------------------------------------------------------------
+    names = [train.id2label[k] for k in range(train.num_classes)]
+    per_row = min(per_class, 10)
+    grid = images.view(train.num_classes, per_class, *images.shape[1:])[:, :per_row].flatten(0, 1)
+    save_image_grid(grid, str(out / "samples.png"), nrow=per_row,
+                    labels=[name for name in names for _ in range(per_row)])
+    num_bands = len(previews) // train.num_classes - 1  # rows: cumulative decodes of bands 0..k, then the sample
+    save_image_grid(previews, str(out / "bands.png"), nrow=train.num_classes, value_range=(0, 1),
+                    labels=[f"bands 0-{k}" if k < num_bands else "final" for k in range(num_bands + 1) for _ in names])
+    shown = torch.cat([heldout.images[:10], recon[:10]])
+    save_image_grid(shown, str(out / "reconstructions.png"), nrow=10,
+                    labels=["held-out"] * 10 + ["reconstruction"] * 10)
+    with open(out / "metrics.json", "w") as file:
+        json.dump(metrics, file, indent=2)
+    print(summary_text(metrics, out))
+    return metrics
+
+
+def summary_text(metrics: dict, out: Path) -> str:
+    w = metrics["wall_time"]
+    lines = [
+        "", f"uae-gen demo: done in {w['total_s'] / 60:.1f} min -> {out}",
+        "  wall (s): " + ", ".join(f"{k[:-2]} {v}" for k, v in w.items() if k != "total_s"),
+        f"  steps: {metrics['steps']}",
+        f"  tokenizer held-out PSNR        {metrics['tokenizer_heldout_psnr']:.2f} dB",
+        f"  band-0 linear probe (top-1)    {metrics['band0_probe_top1']:.3f}   "
+        f"(initial encoder: full latent {metrics['reference_encoder_probe_top1']:.3f}, "
+        f"band 0 {metrics['reference_encoder_band0_probe_top1']:.3f})",
+        f"  judge accuracy, held-out real  {metrics['judge_heldout_accuracy']:.3f}",
+        f"  judge accuracy, generated      {metrics['judge_generated_accuracy']:.3f}   "
+        f"(CFG {metrics['guidance_scale']}, {metrics['num_inference_steps']} steps, {metrics['num_generated']} images)",
+        f"  judge-feature FID              {metrics['judge_fid_generated_vs_heldout']:.2f}   "
+        f"(train vs held-out floor {metrics['judge_fid_train_vs_heldout_floor']:.2f})",
+        "  files: samples.png bands.png reconstructions.png metrics.json pipeline/",
+    ]
+    return "\n".join(lines)
