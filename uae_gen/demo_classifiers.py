@@ -1,11 +1,6 @@
-"""The demo's two classifiers on the built-in digits set.
-
-* The *teacher* plays DINOv2's role: a tiny timm DINOv2-architecture ViT (the tiny UAE encoder's architecture)
-  trained as a classifier on the train split. Its backbone weights initialise the UAE encoder and its frozen copy
-  is the semantic target of the band loss.
-* The *judge* is a separately trained network of another family (timm ``resnet10t``), never seen by the
-  generator: it scores generated samples (class accuracy) and provides the feature space of the judge-FID.
-"""
+"""The demo's judge: a separately trained classifier of another family (timm ``resnet10t``) than the UAE encoder,
+never seen by the generator. It scores generated samples (class accuracy) and provides the feature space of the
+judge-FID."""
 
 from __future__ import annotations
 
@@ -15,15 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models.autoencoder_uae import UAE_PRESETS
-
-
-def build_teacher(num_classes: int) -> nn.Module:
-    preset = UAE_PRESETS["tiny"]
-    return timm.create_model(
-        "vit_base_patch14_reg4_dinov2", pretrained=False, img_size=preset["encoder_input_size"],
-        num_classes=num_classes, **preset["encoder_kwargs"],
-    )
 
 
 def build_judge(num_classes: int) -> nn.Module:
@@ -31,7 +17,7 @@ def build_judge(num_classes: int) -> nn.Module:
 
 
 def imagenet_normalize(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] images -> the ImageNet-normalised input both classifiers are trained on (as the UAE encoder sees)."""
+    """[-1, 1] images -> the ImageNet-normalised input the judge is trained on (as the UAE encoder sees)."""
     mean = torch.tensor([0.485, 0.456, 0.406], device=images.device).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=images.device).view(1, 3, 1, 1)
     return ((images + 1) / 2 - mean) / std
