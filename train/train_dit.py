@@ -42,6 +42,7 @@ from uae_gen.training import (
     LR_SCHEDULES,
     EpochShuffleSampler,
     batch_seed,
+    read_preset,
     checkpoint_step,
     get_lr_scheduler,
     resolve_resume_path,
@@ -123,14 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_preset(config: str) -> dict:
     """A preset's flag defaults; keys starting with "_" are comments."""
-    candidates = [config, os.path.join(CONFIG_DIR, config), os.path.join(CONFIG_DIR, f"{config}.json"),
-                  os.path.join(CONFIG_DIR, f"dit_{config}.json")]
-    path = next((c for c in candidates if os.path.isfile(c)), None)
-    if path is None:
-        raise FileNotFoundError(f"config {config!r} not found; presets in {CONFIG_DIR}: "
-                                f"{sorted(os.listdir(CONFIG_DIR))}")
-    with open(path) as file:
-        return {k: v for k, v in json.load(file).items() if not k.startswith("_")}
+    return read_preset(config, CONFIG_DIR, "dit_")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

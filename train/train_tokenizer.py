@@ -57,6 +57,7 @@ from uae_gen.training import (
     LR_SCHEDULES,
     EpochShuffleSampler,
     batch_seed,
+    read_preset,
     checkpoint_step,
     get_lr_scheduler,
     resolve_resume_path,
@@ -139,14 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_preset(config: str, stage: int) -> dict:
     """A preset's flag defaults for `stage`: top-level keys, then stages[str(stage)]; "_"-keys are comments."""
-    candidates = [config, os.path.join(CONFIG_DIR, config), os.path.join(CONFIG_DIR, f"{config}.json"),
-                  os.path.join(CONFIG_DIR, f"tokenizer_{config}.json")]
-    path = next((c for c in candidates if os.path.isfile(c)), None)
-    if path is None:
-        raise FileNotFoundError(f"config {config!r} not found; presets in {CONFIG_DIR}: "
-                                f"{sorted(os.listdir(CONFIG_DIR))}")
-    with open(path) as file:
-        preset = json.load(file)
+    preset = read_preset(config, CONFIG_DIR, "tokenizer_")
     values = {**preset, **preset.get("stages", {}).get(str(stage), {})}
     return {k: v for k, v in values.items() if k != "stages" and not k.startswith("_")}
 

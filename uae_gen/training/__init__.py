@@ -12,6 +12,7 @@ from .checkpointing import (
 from .data_order import EpochShuffleSampler, batch_seed, ResumePosition, resume_position
 from .ema import EMA
 from .image_grid import save_image_grid
+from .presets import read_preset
 from .lr_schedule import LR_SCHEDULES, get_lr_scheduler
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "save_image_grid",
     "write_json",
     "batch_seed",
+    "read_preset",
 ]

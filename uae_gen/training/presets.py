@@ -1,0 +1,16 @@
+"""Preset JSON files for the train/ scripts: found by path or by name in the scripts' configs folder."""
+
+import json
+import os
+
+
+def read_preset(config: str, config_dir: str, prefix: str) -> dict:
+    """The JSON of ``config``: a path, a file name in ``config_dir``, or a short name (``tiny`` ->
+    ``{prefix}tiny.json``). Keys starting with "_" are comments and are dropped."""
+    candidates = [config, os.path.join(config_dir, config), os.path.join(config_dir, f"{config}.json"),
+                  os.path.join(config_dir, f"{prefix}{config}.json")]
+    path = next((c for c in candidates if os.path.isfile(c)), None)
+    if path is None:
+        raise FileNotFoundError(f"config {config!r} not found; presets in {config_dir}: {sorted(os.listdir(config_dir))}")
+    with open(path) as file:
+        return {k: v for k, v in json.load(file).items() if not k.startswith("_")}
