@@ -1,6 +1,7 @@
-"""train/train_tokenizer.py: the three UAE stages chained on the tiny preset (stage 1 under `accelerate launch`,
-stages 2 and 3 in-process from the previous output), what each stage trains, the discriminator start step,
-validation PSNR, exact resume in a new process, flag / preset handling. Tiny random-weight models; no downloads."""
+"""train/train_tokenizer.py: the three UAE stages chained on the tiny preset, each under `accelerate launch` and
+started from the previous stage's output (stage 3 also in-process to watch its discriminator), what each stage
+trains, the frozen teacher, the discriminator start step, validation PSNR, exact resume in a new process, flag /
+preset handling. Tiny random-weight models; no downloads."""
 
 import importlib.util
 import json
@@ -71,36 +72,32 @@ def encoder_file(workdir):
     return path
 
 
+def accelerate_launch(script_argv, mixed_precision="no"):
+    command = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision",
+               mixed_precision, "--dynamo_backend", "no", str(SCRIPT), *map(str, script_argv)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def stage1(workdir, encoder_file):
     output_dir = workdir / "stage1"
     script_argv = tiny_argv(1, output_dir, PSNR_STEPS, "--pretrained_encoder", encoder_file, "--train_batch_size", 8,
                             "--validation_steps", PSNR_STEPS, "--checkpointing_steps", PSNR_STEPS,
                             "--num_validation_images", 16)
-    command = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", str(SCRIPT), *map(str, script_argv)]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    accelerate_launch(script_argv)
     return output_dir
 
 
 @pytest.fixture(scope="module")
 def stage2(workdir, stage1, encoder_file, random_vgg_file):
-    teachers, make_teacher = [], train_tokenizer.make_teacher
-
-    def capture_teacher(encoder):
-        teachers.append(make_teacher(encoder))
-        return teachers[-1]
-
     output_dir = workdir / "stage2"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_tokenizer, "make_teacher", capture_teacher)
-        summary = run_in_process(tiny_argv(
-            2, output_dir, 2, "--init_from", stage1, "--pretrained_encoder", encoder_file, "--train_batch_size", 4,
-            "--gradient_accumulation_steps", 2, "--lpips_weight", 0.5, "--lpips_vgg_weights", random_vgg_file,
-            "--validation_steps", 100, "--checkpointing_steps", 2, "--num_validation_images", 16))
-    return output_dir, summary, teachers
+    accelerate_launch(tiny_argv(
+        2, output_dir, 2, "--init_from", stage1, "--pretrained_encoder", encoder_file, "--train_batch_size", 4,
+        "--gradient_accumulation_steps", 2, "--lpips_weight", 0.5, "--lpips_vgg_weights", random_vgg_file,
+        "--validation_steps", 100, "--checkpointing_steps", 2, "--num_validation_images", 16))
+    return output_dir, read_json(output_dir / "training_summary.json")
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +130,8 @@ def test_stage1_under_accelerate_launch_freezes_the_encoder_and_improves_psnr(st
         assert final(images).sample.shape == (2, 3, 32, 32)
 
 
-def test_stage2_starts_from_stage1_trains_the_encoder_against_a_fixed_teacher(stage1, stage2, encoder_file):
-    output_dir, summary, teachers = stage2
+def test_stage2_under_accelerate_launch_starts_from_stage1_and_trains_the_encoder(stage1, stage2, encoder_file):
+    output_dir, summary = stage2
     initial = load_file(encoder_file)
     # Stage 2's first evaluation is stage 1's output (its EMA weights) on the same held-out images.
     assert summary["validation"][0]["psnr"] == pytest.approx(read_json(stage1 / "validation.json")[-1]["psnr_ema"],
@@ -143,13 +140,31 @@ def test_stage2_starts_from_stage1_trains_the_encoder_against_a_fixed_teacher(st
     final = encoder_tensors(AutoencoderUAE.from_pretrained(output_dir).state_dict())
     for state in (live, final):
         assert any(not torch.equal(state[k], initial[k]) for k in initial)  # the encoder trained
-
-    (teacher,) = teachers
-    teacher_state = teacher.backbone.state_dict()
-    assert all(torch.equal(teacher_state[k], initial[k]) for k in initial)  # unchanged after training
-    assert not any(p.requires_grad for p in teacher.parameters())
     assert summary["trained"] == ["decoder", "modulator", "encoder"]
     assert summary["losses"] == ["l1", "lpips", "semantic"]
+
+
+def test_stage2_teacher_is_the_initial_encoder_frozen_and_unchanged(workdir, stage1, encoder_file):
+    """In-process so the teacher object itself can be inspected after the encoder has taken optimiser steps."""
+    teachers, make_teacher = [], train_tokenizer.make_teacher
+
+    def capture_teacher(encoder):
+        teachers.append(make_teacher(encoder))
+        return teachers[-1]
+
+    output_dir = workdir / "stage2_teacher"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_tokenizer, "make_teacher", capture_teacher)
+        run_in_process(tiny_argv(2, output_dir, 2, "--init_from", stage1, "--pretrained_encoder", encoder_file,
+                                 "--train_batch_size", 4, "--validation_steps", 100, "--num_validation_images", 4))
+    initial = load_file(encoder_file)
+    trained = encoder_tensors(AutoencoderUAE.from_pretrained(output_dir).state_dict())
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+    (teacher,) = teachers
+    teacher_state = teacher.backbone.state_dict()
+    assert all(torch.equal(teacher_state[k], initial[k]) for k in initial)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
 
 
 def test_stage3_noise_gan_and_no_discriminator_update_before_its_start(workdir, stage2):
@@ -231,11 +246,7 @@ def test_stage3_under_accelerate_launch_from_stage2_with_every_loss_in_bf16(work
                      "--mixed_precision", "bf16",
                      "--train_batch_size", 4, "--lpips_weight", 1, "--lpips_vgg_weights", random_vgg_file,
                      "--discriminator_start_step", 0, "--gan_start_step", 0, "--num_validation_images", 4)
-    command = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "bf16",
-               "--dynamo_backend", "no", str(SCRIPT), *map(str, argv)]
-    result = subprocess.run(command, cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"},
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    accelerate_launch(argv, mixed_precision="bf16")
     summary = read_json(output_dir / "training_summary.json")
     assert summary["losses"] == ["discriminator", "generator", "l1", "lpips", "semantic"]
     assert all(torch.isfinite(torch.tensor(value)) for value in summary["last_logs"].values())
