@@ -1,5 +1,5 @@
 """Evaluation metrics: generation (FID, IS, precision/recall, KID via torch-fidelity features), reconstruction
-(PSNR, SSIM), linear probe accuracy and ADM npz sample files."""
+(PSNR, SSIM), linear probe accuracy, radial power spectra of feature grids and ADM npz sample files."""
 
 from .fidelity import (
     UInt8ImageDataset,
@@ -21,10 +21,23 @@ from .generation import (
 from .linear_probe import linear_probe_accuracy, pooled_features
 from .npz import SamplesNpz, images_to_uint8, load_samples_npz, save_samples_npz
 from .reconstruction import psnr, quantize_to_uint8_levels, ssim
+from .spectrum import (
+    RadialSpectrum,
+    SpectrumAccumulator,
+    band_energies,
+    band_energy_shares,
+    normalized_frequency_radius,
+    radial_power_spectrum,
+)
 
 __all__ = [
+    "RadialSpectrum",
     "SamplesNpz",
+    "SpectrumAccumulator",
     "UInt8ImageDataset",
+    "]",
+    "band_energies",
+    "band_energy_shares",
     "compute_generation_metrics",
     "extract_features",
     "feature_layers_for_metrics",
@@ -38,10 +51,12 @@ __all__ = [
     "linear_probe_accuracy",
     "load_reference_stats",
     "load_samples_npz",
+    "normalized_frequency_radius",
     "pooled_features",
     "precision_recall",
     "psnr",
     "quantize_to_uint8_levels",
+    "radial_power_spectrum",
     "register_feature_extractor",
     "save_samples_npz",
     "ssim",
