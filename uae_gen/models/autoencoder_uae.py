@@ -15,8 +15,9 @@ Conventions (diffusers' ``AutoencoderRAE`` is the template):
   the raw latent.
 
 Released variants are config options of the same class: v1 (``band_mask_shape="hard_ring"``,
-``band_keep_residual=False``, ``band_mix_layers=2``, ``spectral_transform_zero_init=False``) and v2
-(``band_transform="dct"``, ``dct_lowpass_coefficients``, ``dct_lowpass_train_range``, ``latent_noise_tau``).
+``band_keep_residual=False``, ``band_mix_layers=2``, ``spectral_transform_zero_init=False``), v2
+(``band_transform="dct"``, ``dct_lowpass_coefficients``, ``dct_lowpass_train_range``, ``latent_noise_tau``) and
+RAE (``num_bands=1``, ``spectral_transform_channels=0``: no modulator); see ``uae_gen.convert``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ band-limited Gaussian noise sigma * split(eps)_k with sigma ~ U(0, noise_sigma).
 projector as the latent, so it really lives in the high bands and band 0 (the semantics) is never touched.
 
 Released-v1 compatibility: ``mix_layers`` stacked K x K band-mixing matrices (identity init) before the fusion,
-and ``zero_init=False`` for the official default conv initialisation.
+and ``zero_init=False`` for the official default conv initialisation. RAE compatibility: ``hidden_channels=0``
+builds no spectral transform, so q == sum_k b_k always (RAE has no modulator).
 """
 
 from __future__ import annotations
@@ -63,11 +64,13 @@ class FrequencyBandModulator(nn.Module):
         super().__init__()
         if not 0 <= noise_from_band <= num_bands:
             raise ValueError(f"noise_from_band must lie in [0, {num_bands}], got {noise_from_band}")
-        hidden_channels = hidden_channels or max(2 * channels, 512)
+        hidden_channels = max(2 * channels, 512) if hidden_channels is None else hidden_channels
         self.num_bands = num_bands
         self.noise_sigma, self.noise_prob, self.noise_from_band = noise_sigma, noise_prob, noise_from_band
         self.mixing = nn.Sequential(*[BandMixing(num_bands) for _ in range(mix_layers)])
-        self.spectral_transform = SpectralTransform(num_bands, channels, hidden_channels, zero_init)
+        self.spectral_transform = (
+            SpectralTransform(num_bands, channels, hidden_channels, zero_init) if hidden_channels > 0 else None
+        )
 
     def add_band_noise(
         self, bands: torch.Tensor, split_bands: Callable[[torch.Tensor], torch.Tensor], generator=None
@@ -96,4 +99,6 @@ class FrequencyBandModulator(nn.Module):
                 raise ValueError("noise injection needs split_bands to band-limit the noise")
             bands = self.add_band_noise(bands, split_bands, generator)
         bands = self.mixing(bands)
+        if self.spectral_transform is None:
+            return bands.sum(dim=1)
         return self.spectral_transform(bands) + bands.sum(dim=1)

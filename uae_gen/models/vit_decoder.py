@@ -1,9 +1,9 @@
 """ViT pixel decoder (MAE-style, as in RAE and UAE): latent tokens -> patches -> image.
 
 Linear(C -> hidden) per token, a learnable class token (zero init), fixed 2-D sin-cos position embeddings
-(the class slot gets zeros), pre-norm transformer blocks, LayerNorm, Linear(hidden -> p*p*3) per token, class token
-dropped, unpatchify. Like the official decoder it predicts pixels in ImageNet-normalised space
-(x = out * std + mean); we then map to the [-1, 1] image convention.
+(MAE's table, as the official RAE / UAE decoders; the class slot gets zeros), pre-norm transformer blocks, LayerNorm, Linear(hidden -> p*p*3) per token, class token dropped, unpatchify. Like
+the official decoder it predicts pixels in ImageNet-normalised space (x = out * std + mean); we then map to the
+[-1, 1] image convention.
 
 Sizes of the official configs (method.md 1.5), with MLP width given explicitly (XL uses 4096, not 4 x 1152):
 
@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from functools import partial
 
-import numpy as np
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from .encoders import IMAGENET_MEAN, IMAGENET_STD
+from .pos_embed import sincos_pos_embed_2d
 
 DECODER_PRESETS = {
     "B": dict(hidden_size=768, depth=12, num_heads=12, mlp_dim=3072),
@@ -31,22 +31,6 @@ DECODER_PRESETS = {
     "XL": dict(hidden_size=1152, depth=28, num_heads=16, mlp_dim=4096),
     "tiny": dict(hidden_size=64, depth=2, num_heads=2, mlp_dim=128),
 }
-
-
-def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
-    """Fixed 2-D sin-cos embeddings (h*w, dim): half the channels encode the row, half the column."""
-    if dim % 4:
-        raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {dim}")
-    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
-
-    def embed_1d(positions):
-        angles = positions.reshape(-1)[:, None] * omega[None]
-        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-
-    rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij")
-    return np.concatenate([embed_1d(rows), embed_1d(cols)], axis=1)
-
-
 class ViTDecoder(nn.Module):
     def __init__(
         self,
@@ -64,8 +48,8 @@ class ViTDecoder(nn.Module):
         self.predicts_imagenet_normalized = predicts_imagenet_normalized
         self.embed = nn.Linear(in_channels, hidden_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
-        pos = np.concatenate([np.zeros((1, hidden_size)), sincos_pos_embed_2d(hidden_size, *self.grid_size)])
-        self.register_buffer("pos_embed", torch.from_numpy(pos).float()[None], persistent=False)
+        pos = torch.cat([torch.zeros(1, hidden_size), sincos_pos_embed_2d(hidden_size, *self.grid_size)])
+        self.register_buffer("pos_embed", pos[None], persistent=False)
         norm = partial(nn.LayerNorm, eps=1e-12)  # HF ViTMAE's epsilon, used by the official decoder
         self.blocks = nn.ModuleList(
             [Block(hidden_size, num_heads, mlp_ratio=mlp_dim / hidden_size, qkv_bias=True, norm_layer=norm)
