@@ -23,11 +23,13 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .attention import attention, check_attention_backend
+from .pos_embed import sincos_pos_embed_2d
 
 _NO_HEAD = dict(head_hidden_size=None, head_depth=0, head_num_heads=None)
 _DH_HEAD = dict(head_hidden_size=2048, head_depth=2, head_num_heads=16)  # RAE's head for every DiT^DH size
 DIT_PRESETS = {
-    "DiT-tiny": dict(hidden_size=64, depth=2, num_heads=4, **_NO_HEAD),
+    "DiT-tiny": dict(hidden_size=64, depth=2, num_heads=4, **_NO_HEAD),  # unit tests
+    "DiT-mini": dict(hidden_size=192, depth=4, num_heads=4, **_NO_HEAD),  # the CPU demo
     "DiT-S": dict(hidden_size=384, depth=12, num_heads=6, **_NO_HEAD),
     "DiT-B": dict(hidden_size=768, depth=12, num_heads=12, **_NO_HEAD),
     "DiT-L": dict(hidden_size=1024, depth=24, num_heads=16, **_NO_HEAD),
@@ -39,19 +41,6 @@ DIT_PRESETS = {
     "DiT-DH-XL": dict(hidden_size=1152, depth=28, num_heads=16, **_DH_HEAD),
 }
 TIME_EMBEDDING_TYPES = ("gaussian_fourier", "sinusoidal")
-
-
-def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
-    """Fixed (grid_size**2, dim) table in the MAE/DiT layout: [sin, cos](column * w), [sin, cos](row * w)."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    coords = torch.arange(grid_size, dtype=torch.float64)
-    row, col = torch.meshgrid(coords, coords, indexing="ij")
-
-    def embed(position):
-        angles = position.reshape(-1, 1) * omega
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([embed(col), embed(row)], dim=1).float()
 
 
 def rope_tables_2d(head_dim: int, grid_size: int, theta: float = 1e4) -> tuple[torch.Tensor, torch.Tensor]:
