@@ -50,11 +50,55 @@ def run_demo(args) -> None:
     demo(out_dir=args.out, minutes=args.minutes, seed=args.seed)
 
 
+def add_convert_parser(subparsers) -> None:
+    from uae_gen.convert import LAYOUTS
+
+    p = subparsers.add_parser(
+        "convert", help="released checkpoints (diffusers AutoencoderRAE, UAE v1/v2, RAE/UAE DiT-DH) -> directories "
+        "that AutoencoderUAE / UAEDiT .from_pretrained load",
+    )
+    p.add_argument("--from", dest="layout", required=True, choices=LAYOUTS, help="layout of SRC")
+    p.add_argument("src", help="checkpoint file (.pt / .safetensors), or for rae-diffusers a directory or hub id")
+    p.add_argument("dst", help="output directory (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--stats", default=None, help="latent statistics file with 'mean' and 'var' (stat.pt)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config value the weights do not determine, VALUE as JSON (repeatable), e.g. "
+                   "dct_lowpass_coefficients=64 or decoder_num_heads=16")
+    p.set_defaults(run=run_convert)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """["KEY=VALUE", ...] -> {KEY: json.loads(VALUE)}; a VALUE that is not JSON stays a string."""
+    import json
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def run_convert(args) -> None:
+    from uae_gen.convert import convert_checkpoint
+
+    model = convert_checkpoint(args.layout, args.src, args.dst, stats=args.stats, overwrite=args.overwrite,
+                               config_overrides=parse_overrides(args.overrides))
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"wrote {type(model).__name__} ({millions:.1f}M parameters) to {args.dst}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="uae-gen", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_demo_parser(subparsers)
     add_generate_parser(subparsers)
+    add_convert_parser(subparsers)
     args = parser.parse_args(argv)
     try:
         args.run(args)
