@@ -29,11 +29,11 @@ def test_minimal_demo_writes_every_output(tmp_path):
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(returned))
-    for key in ("tokenizer_heldout_psnr", "band0_probe_top1", "reference_encoder_probe_top1",
-                "reference_encoder_band0_probe_top1", "judge_heldout_accuracy", "judge_generated_accuracy",
+    for key in ("tokenizer_heldout_psnr", "band0_probe_top1", "teacher_probe_top1", "teacher_band0_probe_top1",
+                "teacher_heldout_accuracy", "judge_heldout_accuracy", "judge_generated_accuracy",
                 "judge_fid_generated_vs_heldout", "judge_fid_train_vs_heldout_floor"):
         assert math.isfinite(metrics[key]), key
-    for key in ("band0_probe_top1", "judge_heldout_accuracy", "judge_generated_accuracy"):
+    for key in ("band0_probe_top1", "teacher_heldout_accuracy", "judge_heldout_accuracy", "judge_generated_accuracy"):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["steps"] == step_counts(0.05)
     assert metrics["num_generated"] == 10 * MIN_STEPS["samples_per_class"]

@@ -4,12 +4,14 @@ Every training step goes through the real scripts (train/train_tokenizer.py stag
 train/train_dit.py), called in this process through their ``parse_args`` / ``main`` with the tiny presets; the
 demo only chooses step counts from the time budget and scores the result:
 
-* a judge (timm resnet10t, uae_gen.demo_classifiers) trained on the train split, never seen by the generator,
+* a teacher (the tiny preset's DINOv2-architecture ViT, uae_gen.demo_classifiers) is trained as a classifier on
+  the train split; its encoder is the tokenizer's initial encoder and the semantic target of stage 2, the role
+  DINOv2 plays on ImageNet;
+* a judge (timm resnet10t) trained separately on the train split, never seen by the tokenizer or the generator,
   scores held-out real images and generated samples (class accuracy) and gives the feature space of the FID;
-* the tokenizer starts from a RANDOM encoder (the tiny preset allows it: the tiny DINOv2-architecture teacher did
-  not learn on this set), so the band-0 probe is compared with the probe of that frozen initial encoder;
 * the band-0 linear probe is a logistic regression on 2x2-average-pooled band-0 features of the raw latent
-  (1x1 pooling would make band 0 equal to the full latent's channel means).
+  (1x1 pooling would make band 0 equal to the full latent's channel means), next to the same probe on the
+  teacher's features.
 
 Writes to ``out_dir``: samples.png, bands.png, reconstructions.png, metrics.json and pipeline/.
 """
@@ -26,11 +28,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 import uae_gen
 
 from .data import load_demo_digits
-from .demo_classifiers import accuracy, build_judge, penultimate_features, predict, train_classifier
+from .demo_classifiers import (
+    TEACHER_APPEARANCES,
+    Judge,
+    accuracy,
+    build_teacher,
+    classifier_features,
+    predict,
+    train_classifier,
+)
 from .metrics import frechet_distance_from_features, psnr
 from .models.autoencoder_uae import AutoencoderUAE
 from .pipelines.pipeline_uae_dit import UAEDiTPipeline
@@ -38,11 +49,13 @@ from .training import save_image_grid
 
 DEFAULT_MINUTES = 12.0
 # Step counts at the default budget; each scales linearly with `minutes` and is clamped below by MIN_STEPS.
-# Stage 3 (GAN, discriminator) costs about 8x a stage-1 step, hence few steps; sampling counts scale the same way.
-FULL_BUDGET_STEPS = {"judge": 150, "tokenizer_1": 250, "tokenizer_2": 100, "tokenizer_3": 20, "dit": 600,
-                     "samples_per_class": 20, "inference_steps": 20}
-MIN_STEPS = {"judge": 4, "tokenizer_1": 2, "tokenizer_2": 2, "tokenizer_3": 2, "dit": 4,
+# Measured on the idle 2-core machine at this budget: teacher 136 s, judge 21 s, tokenizer 70 s (stage 3 with its
+# discriminator costs ~8x a stage-1 step, hence fewer steps), DiT-mini 479 s, sampling 38 s: 12.7 min in all.
+FULL_BUDGET_STEPS = {"teacher": 2000, "judge": 150, "tokenizer_1": 800, "tokenizer_2": 400, "tokenizer_3": 100,
+                     "dit": 1400, "samples_per_class": 20, "inference_steps": 20}
+MIN_STEPS = {"teacher": 4, "judge": 4, "tokenizer_1": 2, "tokenizer_2": 2, "tokenizer_3": 2, "dit": 4,
              "samples_per_class": 2, "inference_steps": 4}
+DIT_MODEL = "DiT-mini"
 GUIDANCE_SCALE = 4.0
 
 
@@ -77,16 +90,29 @@ def run_script(module, argv: list) -> dict:
     return module.main(module.parse_args([str(a) for a in argv]))
 
 
-def train_tokenizer(train_tokenizer_module, work_dir: Path, steps: dict, seed: int) -> Path:
-    """Tokenizer stages 1 -> 2 -> 3, each from the previous one's (EMA) output; returns the stage-3 folder."""
+def train_teacher(train, steps: int, seed: int, path: Path):
+    """The teacher classifier, trained on every training digit in TEACHER_APPEARANCES renderings; its encoder's
+    weights are saved to `path` (a --pretrained_encoder file)."""
+    renderings = [train] + [load_demo_digits("train", seed=seed + k) for k in range(1, TEACHER_APPEARANCES)]
+    images = torch.cat([split.images for split in renderings])
+    labels = torch.cat([split.labels for split in renderings])
+    teacher = train_classifier(build_teacher(train.num_classes), images, labels, steps, seed=seed,
+                               description="teacher")
+    save_file({k: v.contiguous() for k, v in teacher.encoder.backbone.state_dict().items()}, str(path))
+    return teacher
+
+
+def train_tokenizer(train_tokenizer_module, work_dir: Path, steps: dict, seed: int, teacher_file: Path) -> Path:
+    """Tokenizer stages 1 -> 2 -> 3, each from the previous one's (EMA) output; the teacher's encoder is the
+    initial encoder and the semantic target throughout. Returns the stage-3 folder."""
     previous = None
     for stage in (1, 2, 3):
         n = steps[f"tokenizer_{stage}"]
         output_dir = work_dir / f"tokenizer-stage{stage}"
         argv = ["--config", "tiny", "--stage", stage, "--output_dir", output_dir, "--dataset", "demo-digits",
                 "--max_train_steps", n, "--checkpointing_steps", n + 1, "--validation_steps", n,
-                "--mixed_precision", "no", "--seed", seed]
-        argv += ["--random_encoder"] if previous is None else ["--init_from", previous]
+                "--mixed_precision", "no", "--seed", seed, "--pretrained_encoder", teacher_file]
+        argv += [] if previous is None else ["--init_from", previous]
         if stage == 3:  # the GAN schedule scaled to the stage length (preset: D from 20, G from 50 of 200)
             argv += ["--discriminator_start_step", n // 10, "--gan_start_step", n // 4]
         run_script(train_tokenizer_module, argv)
@@ -115,13 +141,14 @@ def linear_probe_top1(train_features, train_labels, test_features, test_labels) 
     return float(probe.score(test_features, test_labels.numpy()))
 
 
-def band0_probes(initial_vae, final_vae, train, heldout) -> dict[str, float]:
-    """Band-0 probe of the trained tokenizer vs the probes of the frozen initial encoder (full latent, band 0)."""
+def band0_probes(teacher_vae, final_vae, train, heldout) -> dict[str, float]:
+    """Band-0 probe of the trained tokenizer vs the probes of the teacher encoder (its full latent and its band 0).
+    `teacher_vae` is stage 1's output: stage 1 keeps the teacher's encoder frozen."""
     latents = {(name, split.split): raw_latents(vae, split.images)
-               for name, vae in (("final", final_vae), ("initial", initial_vae)) for split in (train, heldout)}
+               for name, vae in (("final", final_vae), ("teacher", teacher_vae)) for split in (train, heldout)}
     views = {"band0_probe_top1": ("final", lambda z: final_vae.split_bands(z)[:, 0]),
-             "reference_encoder_probe_top1": ("initial", lambda z: z),
-             "reference_encoder_band0_probe_top1": ("initial", lambda z: initial_vae.split_bands(z)[:, 0])}
+             "teacher_probe_top1": ("teacher", lambda z: z),
+             "teacher_band0_probe_top1": ("teacher", lambda z: teacher_vae.split_bands(z)[:, 0])}
     return {metric: linear_probe_top1(probe_features(view(latents[name, "train"])), train.labels,
                                       probe_features(view(latents[name, "heldout"])), heldout.labels)
             for metric, (name, view) in views.items()}
@@ -160,11 +187,14 @@ def run_demo(out_dir: str = "uae_gen_demo", minutes: float = DEFAULT_MINUTES, se
 
     t = time.time()
     train, heldout = load_demo_digits("train", seed=seed), load_demo_digits("heldout", seed=seed)
-    judge = train_classifier(build_judge(train.num_classes), train.images, train.labels, steps["judge"], seed=seed,
+    teacher_file = work / "teacher_encoder.safetensors"
+    teacher = train_teacher(train, steps["teacher"], seed, teacher_file)
+    t = lap("teacher_s", t)
+    judge = train_classifier(Judge(train.num_classes), train.images, train.labels, steps["judge"], seed=seed,
                              description="judge")
     t = lap("judge_s", t)
 
-    tokenizer_dir = train_tokenizer(scripts["train_tokenizer"], work, steps, seed)
+    tokenizer_dir = train_tokenizer(scripts["train_tokenizer"], work, steps, seed, teacher_file)
     t = lap("tokenizer_s", t)
 
     cache_dir = work / "latents"
@@ -174,9 +204,9 @@ def run_demo(out_dir: str = "uae_gen_demo", minutes: float = DEFAULT_MINUTES, se
 
     dit_dir = work / "dit"
     n = steps["dit"]
-    run_script(scripts["train_dit"], ["--config", "dit_tiny", "--latent_cache", cache_dir, "--output_dir", dit_dir,
-                                      "--max_train_steps", n, "--checkpointing_steps", n + 1, "--validation_steps", n,
-                                      "--mixed_precision", "no", "--seed", seed])
+    run_script(scripts["train_dit"], ["--config", "dit_tiny", "--model", DIT_MODEL, "--latent_cache", cache_dir,
+                                      "--output_dir", dit_dir, "--max_train_steps", n, "--checkpointing_steps", n + 1,
+                                      "--validation_steps", n, "--mixed_precision", "no", "--seed", seed])
     pipeline_dir = out / "pipeline"
     pipe = UAEDiTPipeline.from_pretrained(dit_dir / "pipeline")
     pipe.set_progress_bar_config(disable=True)
@@ -189,19 +219,20 @@ def run_demo(out_dir: str = "uae_gen_demo", minutes: float = DEFAULT_MINUTES, se
 
     # ---- scores --------------------------------------------------------------------------------------------
     vae = pipe.vae.eval()
-    initial_vae = AutoencoderUAE.from_pretrained(work / "tokenizer-stage1").eval()  # stage 1 keeps the encoder frozen
+    teacher_vae = AutoencoderUAE.from_pretrained(work / "tokenizer-stage1").eval()
     recon = reconstruct(vae, heldout.images)
-    real_features = penultimate_features(judge, heldout.images).numpy()
+    real_features = classifier_features(judge, heldout.images).numpy()
     floor_index = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[: len(images)]
     metrics = {
         "tokenizer_heldout_psnr": psnr((recon + 1) / 2, (heldout.images + 1) / 2).mean().item(),
-        **band0_probes(initial_vae, vae, train, heldout),
+        **band0_probes(teacher_vae, vae, train, heldout),
+        "teacher_heldout_accuracy": accuracy(predict(teacher, heldout.images), heldout.labels),
         "judge_heldout_accuracy": accuracy(predict(judge, heldout.images), heldout.labels),
         "judge_generated_accuracy": accuracy(predict(judge, images), labels),
         "judge_fid_generated_vs_heldout": frechet_distance_from_features(
-            penultimate_features(judge, images).numpy(), real_features),
+            classifier_features(judge, images).numpy(), real_features),
         "judge_fid_train_vs_heldout_floor": frechet_distance_from_features(
-            penultimate_features(judge, train.images[floor_index]).numpy(), real_features),
+            classifier_features(judge, train.images[floor_index]).numpy(), real_features),
         "guidance_scale": GUIDANCE_SCALE, "num_inference_steps": steps["inference_steps"],
         "num_generated": len(images), "steps": steps, "minutes_budget": minutes, "seed": seed,
     }
@@ -234,9 +265,9 @@ def summary_text(metrics: dict, out: Path) -> str:
         "  wall (s): " + ", ".join(f"{k[:-2]} {v}" for k, v in w.items() if k != "total_s"),
         f"  steps: {metrics['steps']}",
         f"  tokenizer held-out PSNR        {metrics['tokenizer_heldout_psnr']:.2f} dB",
+        f"  teacher accuracy, held-out     {metrics['teacher_heldout_accuracy']:.3f}",
         f"  band-0 linear probe (top-1)    {metrics['band0_probe_top1']:.3f}   "
-        f"(initial encoder: full latent {metrics['reference_encoder_probe_top1']:.3f}, "
-        f"band 0 {metrics['reference_encoder_band0_probe_top1']:.3f})",
+        f"(teacher: full latent {metrics['teacher_probe_top1']:.3f}, band 0 {metrics['teacher_band0_probe_top1']:.3f})",
         f"  judge accuracy, held-out real  {metrics['judge_heldout_accuracy']:.3f}",
         f"  judge accuracy, generated      {metrics['judge_generated_accuracy']:.3f}   "
         f"(CFG {metrics['guidance_scale']}, {metrics['num_inference_steps']} steps, {metrics['num_generated']} images)",
