@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -102,6 +101,36 @@ def train_teacher(train, steps: int, seed: int, path: Path):
     return teacher
 
 
+class PhaseTimer:
+    """Wall time of consecutive phases: ``lap(name)`` records the seconds since the previous lap (or the start)."""
+
+    def __init__(self):
+        self.started = self.last = time.time()
+        self.wall: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.wall[name] = round(now - self.last, 1)
+        self.last = now
+
+    def finish(self) -> dict[str, float]:
+        self.wall["total_s"] = round(time.time() - self.started, 1)
+        return self.wall
+
+
+def train_teacher_and_judge(work: Path, steps: dict, seed: int, timer: PhaseTimer):
+    """The demo data splits, the teacher (its encoder saved to work/teacher_encoder.safetensors) and the judge:
+    (train, heldout, teacher, teacher_file, judge)."""
+    train, heldout = load_demo_digits("train", seed=seed), load_demo_digits("heldout", seed=seed)
+    teacher_file = work / "teacher_encoder.safetensors"
+    teacher = train_teacher(train, steps["teacher"], seed, teacher_file)
+    timer.lap("teacher_s")
+    judge = train_classifier(Judge(train.num_classes), train.images, train.labels, steps["judge"], seed=seed,
+                             description="judge")
+    timer.lap("judge_s")
+    return train, heldout, teacher, teacher_file, judge
+
+
 def train_tokenizer(train_tokenizer_module, work_dir: Path, steps: dict, seed: int, teacher_file: Path) -> Path:
     """Tokenizer stages 1 -> 2 -> 3, each from the previous one's (EMA) output; the teacher's encoder is the
     initial encoder and the semantic target throughout. Returns the stage-3 folder."""
@@ -179,28 +208,16 @@ def run_demo(out_dir: str = "uae_gen_demo", minutes: float = DEFAULT_MINUTES, se
     work.mkdir(parents=True, exist_ok=True)
     scripts = {name: load_train_script(name) for name in ("train_tokenizer", "cache_latents", "train_dit")}
     torch.manual_seed(seed)
-    wall, started = {}, time.time()
-
-    def lap(name: str, since: float) -> float:
-        wall[name] = round(time.time() - since, 1)
-        return time.time()
-
-    t = time.time()
-    train, heldout = load_demo_digits("train", seed=seed), load_demo_digits("heldout", seed=seed)
-    teacher_file = work / "teacher_encoder.safetensors"
-    teacher = train_teacher(train, steps["teacher"], seed, teacher_file)
-    t = lap("teacher_s", t)
-    judge = train_classifier(Judge(train.num_classes), train.images, train.labels, steps["judge"], seed=seed,
-                             description="judge")
-    t = lap("judge_s", t)
+    timer = PhaseTimer()
+    train, heldout, teacher, teacher_file, judge = train_teacher_and_judge(work, steps, seed, timer)
 
     tokenizer_dir = train_tokenizer(scripts["train_tokenizer"], work, steps, seed, teacher_file)
-    t = lap("tokenizer_s", t)
+    timer.lap("tokenizer_s")
 
     cache_dir = work / "latents"
     run_script(scripts["cache_latents"], ["--vae", tokenizer_dir, "--output_dir", cache_dir, "--dataset", "demo-digits",
                                           "--seed", seed, "--overwrite"])
-    t = lap("cache_latents_s", t)
+    timer.lap("cache_latents_s")
 
     dit_dir = work / "dit"
     n = steps["dit"]
@@ -211,11 +228,11 @@ def run_demo(out_dir: str = "uae_gen_demo", minutes: float = DEFAULT_MINUTES, se
     pipe = UAEDiTPipeline.from_pretrained(dit_dir / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(pipeline_dir)
-    t = lap("dit_s", t)
+    timer.lap("dit_s")
 
     per_class = steps["samples_per_class"]
     images, labels, previews = generate(pipe, train.num_classes, per_class, steps["inference_steps"], seed)
-    t = lap("sampling_s", t)
+    timer.lap("sampling_s")
 
     # ---- scores --------------------------------------------------------------------------------------------
     vae = pipe.vae.eval()
@@ -236,9 +253,8 @@ def run_demo(out_dir: str = "uae_gen_demo", minutes: float = DEFAULT_MINUTES, se
         "guidance_scale": GUIDANCE_SCALE, "num_inference_steps": steps["inference_steps"],
         "num_generated": len(images), "steps": steps, "minutes_budget": minutes, "seed": seed,
     }
-    lap("scoring_s", t)
-    wall["total_s"] = round(time.time() - started, 1)
-    metrics["wall_time"] = wall
+    timer.lap("scoring_s")
+    metrics["wall_time"] = timer.finish()
 
     # ---- pictures ------------------------------------------------------------------------------------------
     names = [train.id2label[k] for k in range(train.num_classes)]

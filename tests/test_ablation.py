@@ -1,0 +1,222 @@
+"""eval/ablation.py: the full study at a minimal budget (structure of the table, JSON == Markdown, the PNG, rows
+really configured as labelled) and the printed full-scale commands (every row named, every command accepted by its
+script's parser)."""
+
+import importlib.util
+import json
+import math
+import re
+import shlex
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from uae_gen import AutoencoderUAE
+from uae_gen.data import load_demo_digits
+from uae_gen.demo import load_train_script
+from uae_gen.training.image_grid import CAPTION_HEIGHT, GRID_PADDING
+
+REPO = Path(__file__).resolve().parents[1]
+MINUTES, SEED = 0.01, 3
+
+
+def load_eval_script(name):
+    spec = importlib.util.spec_from_file_location(f"eval_{name}", REPO / "eval" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ablation = load_eval_script("ablation")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, one_torch_thread):
+    out = tmp_path_factory.mktemp("ablation")
+    returned = ablation.main(ablation.parse_args(["--out_dir", str(out), "--minutes", str(MINUTES),
+                                                  "--seed", str(SEED)]))
+    return out, returned, json.loads((out / "ablation.json").read_text())
+
+
+def markdown_tables(text: str) -> list[list[dict]]:
+    """Every Markdown table of `text` as a list of {header: cell} rows."""
+    tables, lines = [], text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|---"):
+            header = [cell.strip() for cell in lines[i - 1].strip("|").split("|")]
+            rows = []
+            for row in lines[i + 1:]:
+                if not row.startswith("| "):
+                    break
+                rows.append(dict(zip(header, (cell.strip() for cell in row.strip("|").split("|")))))
+            tables.append(rows)
+    return tables
+
+
+def test_step_counts_scale_split_and_clamp():
+    full = ablation.step_counts(ablation.DEFAULT_MINUTES)
+    assert {k: full[k] for k in ablation.FULL_BUDGET_STEPS} == ablation.FULL_BUDGET_STEPS
+    assert full["tokenizer_stage1"] + full["tokenizer_stage2"] == full["tokenizer"]
+    assert ablation.step_counts(ablation.DEFAULT_MINUTES / 2)["dit"] == round(ablation.FULL_BUDGET_STEPS["dit"] / 2)
+    tiny = ablation.step_counts(MINUTES)
+    assert {k: tiny[k] for k in ablation.MIN_STEPS} == ablation.MIN_STEPS
+    assert (tiny["tokenizer_stage1"], tiny["tokenizer_stage2"]) == (1, 1)
+    assert ablation.step_counts(4 * ablation.DEFAULT_MINUTES)["inference_steps"] == \
+        ablation.FULL_BUDGET_STEPS["inference_steps"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--minutes", "0"], "minutes"), (["--minutes", "nan"], "minutes"),
+    (["--rows", "a", "gen"], "'d'"), (["--rows", "a", "z"], "unknown rows"),
+])
+def test_bad_arguments_fail_before_training(argv, message):
+    with pytest.raises(ValueError, match=message):
+        ablation.parse_args(argv)
+
+
+def test_every_row_present_with_finite_numbers_in_range(study):
+    out, returned, result = study
+    assert result == json.loads(json.dumps(returned))
+    assert [row["key"] for row in result["tokenizer_rows"]] == ["a", "b", "c", "d", "k2", "k8"]
+    assert [row["key"] for row in result["generation_rows"]] == ["uniform", "progressive"]
+    assert result["steps"] == ablation.step_counts(MINUTES) and result["settings"]["seed"] == SEED
+    for row in result["tokenizer_rows"]:
+        assert math.isfinite(row["heldout_psnr"]) and row["heldout_psnr"] > 0
+        assert -1 <= row["heldout_ssim"] <= 1
+        assert math.isfinite(row["judge_fid"]) and row["judge_fid"] >= 0
+        for key in ("judge_accuracy", "band0_probe_top1", "teacher_probe_top1"):
+            assert 0 <= row[key] <= 1, (row["key"], key)
+        assert row["wall_s"] >= 0
+        expected_steps = [ablation.step_counts(MINUTES)["tokenizer"]] if row["encoder"] == "frozen" else [1, 1]
+        assert [run["steps"] for run in row["runs"]] == expected_steps
+    for row in result["generation_rows"]:
+        assert 0 <= row["judge_accuracy"] <= 1 and math.isfinite(row["judge_fid"]) and row["judge_fid"] >= 0
+        assert row["num_generated"] == 10 * ablation.MIN_STEPS["samples_per_class"]
+        assert row["dit_steps"] == ablation.MIN_STEPS["dit"]
+    assert math.isfinite(result["generation_floor_judge_fid"])
+    assert result["wall_time"]["total_s"] >= sum(v for k, v in result["wall_time"].items() if k != "total_s") - 1
+
+
+def test_markdown_shows_the_json_numbers(study):
+    out, _, result = study
+    text = (out / "ablation.md").read_text()
+    ablation_table, sweep_table, generation_table, claims_table = markdown_tables(text)
+    rows = {row["key"]: row for row in result["tokenizer_rows"]}
+    assert [cell["row"] for cell in ablation_table] == ["a", "b", "c", "d"]
+    assert [cell["row"] for cell in sweep_table] == ["k2", "d", "k8"]
+    for cells in ablation_table + sweep_table:
+        row = rows[cells["row"]]
+        assert cells["K"] == str(row["num_bands"]) and cells["encoder"] == row["encoder"]
+        assert cells["steps"] == " + ".join(str(run["steps"]) for run in row["runs"])
+        for header, key, spec in ablation.TOKENIZER_COLUMNS:
+            assert cells[header] == format(row[key], spec), (cells["row"], header)
+    for cells, row in zip(generation_table, result["generation_rows"], strict=True):
+        assert cells["schedule"] == row["key"]
+        assert float(cells["band stagger (sampler)"]) == row["sampling_band_stagger"]
+        for header, key, spec in ablation.GENERATION_COLUMNS:
+            assert cells[header] == format(row[key], spec)
+    assert [(c["claim"], c["reproduced"]) for c in claims_table] == \
+        [(c["claim"], c["reproduced"]) for c in result["claims"]]
+    assert len(result["claims"]) == 5
+
+
+def test_png_has_the_originals_then_one_labelled_row_per_tokenizer_row(study):
+    out, _, result = study
+    assert result["reconstructions_png_rows"] == ["held-out", "a", "b", "c", "d", "k2", "k8"]
+    with Image.open(out / "reconstructions.png") as image:
+        pixels = np.asarray(image.convert("RGB"))
+    tile = 32
+    assert pixels.shape[0] == GRID_PADDING + 7 * (tile + CAPTION_HEIGHT + GRID_PADDING)
+    # The first tile is the first held-out digit 0, as 8-bit levels.
+    heldout = load_demo_digits("heldout", seed=SEED)
+    first = heldout.images[(heldout.labels == 0).nonzero()[0, 0]]
+    expected = ((first + 1) / 2).mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(pixels[GRID_PADDING:GRID_PADDING + tile, GRID_PADDING:GRID_PADDING + tile], expected)
+    assert (out / "samples.png").is_file()
+
+
+def test_rows_are_trained_as_labelled(study):
+    out, _, result = study
+    rows = {row["key"]: row for row in result["tokenizer_rows"]}
+    models = {key: AutoencoderUAE.from_pretrained(out / row["model_dir"]) for key, row in rows.items()}
+    assert {key: model.config.num_bands for key, model in models.items()} == \
+        {"a": 1, "b": 4, "c": 4, "d": 4, "k2": 2, "k8": 8}
+
+    teacher = load_file(str(out / "work" / "teacher_encoder.safetensors"))
+
+    def encoder_change(key):
+        state = models[key].encoder.backbone.state_dict()
+        return max((state[name] - weight).abs().max().item() for name, weight in teacher.items())
+
+    assert encoder_change("a") == 0 and encoder_change("b") == 0  # frozen: still the teacher
+    assert encoder_change("c") > 0 and encoder_change("d") > 0  # stage 2 trained the encoder
+
+    def summaries(key):
+        return [json.loads((out / run["dir"] / "training_summary.json").read_text()) for run in rows[key]["runs"]]
+
+    assert [(s["stage"], s["band_noise"]) for s in summaries("c")] == [(1, False), (2, False)]
+    assert [(s["stage"], s["band_noise"]) for s in summaries("d")] == [(1, False), (2, True)]
+    assert [(s["stage"], s["band_noise"]) for s in summaries("b")] == [(1, False)]
+    assert "encoder" in summaries("d")[1]["trained"] and "encoder" not in summaries("b")[0]["trained"]
+    assert rows["c"]["runs"][0] == rows["d"]["runs"][0]  # one shared stage 1
+
+    # Probes: with K=1 band 0 is the whole latent of the frozen teacher; b's band 0 is the teacher's band 0.
+    assert rows["a"]["band0_probe_top1"] == result["teacher"]["probe_top1"] == rows["a"]["teacher_probe_top1"]
+    assert rows["b"]["band0_probe_top1"] == result["teacher"]["band0_probe_top1"]
+
+
+def test_generation_samples_with_the_schedule_it_trained_with(study):
+    out, _, result = study
+    for row, stagger in zip(result["generation_rows"], (0.0, ablation.PROGRESSIVE_STAGGER), strict=True):
+        pipeline = out / row["pipeline_dir"]
+        scheduler = json.loads((pipeline / "scheduler" / "scheduler_config.json").read_text())
+        trained = json.loads((pipeline.parent / "training_summary.json").read_text())["args"]
+        assert scheduler["band_stagger"] == trained["band_stagger"] == row["train_band_stagger"] == stagger
+        assert row["sampling_band_stagger"] == stagger
+        assert json.loads((pipeline / "vae" / "config.json").read_text())["num_bands"] == 4  # row d's latent
+
+
+def test_imagenet256_preset_prints_accepted_commands_for_every_row(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)  # the printed commands run from the repository root
+    text = ablation.main(ablation.parse_args(["--preset", "imagenet256", "--seed", "5"]))
+    assert capsys.readouterr().out == text
+    for key in ("a", "b", "c", "d", "k2", "k8"):
+        assert f"# ({key}) " in text
+    variables = set(re.findall(r"^(\w+)=\$\{\w+:-[^}]*\}", text, flags=re.M))
+    assert variables == {name for name, _, _ in ablation.IMAGENET_VARIABLES}
+    values = {name: str(tmp_path / name) for name in variables} | {"NGPU": "8"}
+
+    parsers = {f"train/{name}.py": load_train_script(name).parse_args
+               for name in ("train_tokenizer", "cache_latents", "train_dit")}
+    parsers |= {f"eval/{name}.py": load_eval_script(name).parse_args
+                for name in ("evaluate_reconstruction", "linear_probe", "sample", "evaluate_generation")}
+    parsed = []
+    for line in text.splitlines():
+        if not line or line.startswith("#") or "=" in line.split()[0] or line.startswith("set "):
+            continue
+        tokens = shlex.split(string.Template(line).substitute(values))
+        script = next(i for i, token in enumerate(tokens) if token.endswith(".py"))
+        argv = tokens[script + 1:]
+        if "--init_from" in argv:
+            Path(argv[argv.index("--init_from") + 1]).mkdir(parents=True, exist_ok=True)
+        parsed.append((tokens[script], parsers[tokens[script]](argv)))
+
+    tokenizer_runs = [args for script, args in parsed if script == "train/train_tokenizer.py"]
+    # a, b: stage 1 only; c/d share one stage 1; k2, k8: their own stage 1; stage 2 for c, d, k2, k8.
+    assert [(a.stage, (a.model_config or {}).get("num_bands"), a.band_noise) for a in tokenizer_runs] == [
+        (1, 1, False), (1, 4, False), (1, 4, False), (2, None, False), (2, None, True),
+        (1, 2, False), (2, None, True), (1, 8, False), (2, None, True)]
+    assert all(a.seed == 5 and a.pretrained_encoder == "timm/vit_base_patch14_reg4_dinov2.lvd142m"
+               for a in tokenizer_runs)
+    dit_runs = [args for script, args in parsed if script == "train/train_dit.py"]
+    assert [a.band_stagger for a in dit_runs] == [0.0, ablation.PROGRESSIVE_STAGGER]
+    assert all(a.model == "DiT-DH-XL" and a.latent_cache.endswith("latents-d") for a in dit_runs)
+    counts = {name: sum(script == name for script, _ in parsed) for name in parsers}
+    assert counts == {"train/train_tokenizer.py": 9, "train/cache_latents.py": 1, "train/train_dit.py": 2,
+                      "eval/evaluate_reconstruction.py": 6, "eval/linear_probe.py": 6, "eval/sample.py": 2,
+                      "eval/evaluate_generation.py": 2}
