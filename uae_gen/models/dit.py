@@ -57,10 +57,13 @@ def rope_tables_2d(head_dim: int, grid_size: int, theta: float = 1e4) -> tuple[t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each adjacent channel pair (a, b) of x (..., N, head_dim) to (a cos - b sin, b cos + a sin)."""
-    pairs = x.unflatten(-1, (-1, 2))
-    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return x * cos + rotated * sin
+    """Rotate each adjacent channel pair (a, b) of x (..., N, head_dim) to (a cos - b sin, b cos + a sin).
+
+    That is the complex product (a + ib)(cos + i sin): one complex multiply, twice as fast forward + backward on
+    CPU as the real form with its stacked copy of x, and bit-identical in fp32."""
+    rotation = torch.complex(cos[:, 0::2].float(), sin[:, 0::2].float())  # tables repeat each pair's angle twice
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
@@ -137,8 +140,7 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            cos, sin = (table.to(q.dtype) for table in rope)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention(q, k, v, self.backend)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
@@ -372,7 +374,9 @@ class UAEDiT(ModelMixin, ConfigMixin):
 
     @staticmethod
     def _embed_patches(embedder: nn.Conv2d, sample: torch.Tensor) -> torch.Tensor:
-        return embedder(sample).flatten(2).transpose(1, 2)  # (B, N, D), tokens in row-major order
+        # (B, N, D), tokens in row-major order. Contiguous: the residual stream keeps the layout of its first
+        # tensor, and a transposed one would make every LayerNorm and Linear copy it again.
+        return embedder(sample).flatten(2).transpose(1, 2).contiguous()
 
     def _unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
         # Each token holds a (p, p, C) patch, as in DiT and the official RAE code.
