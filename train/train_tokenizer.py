@@ -283,14 +283,16 @@ def main(args: argparse.Namespace) -> dict:
     if train_encoder:
         groups.append({"params": [p for p in model.encoder.parameters() if p.requires_grad],
                        "lr": args.learning_rate * args.encoder_lr_ratio})
-    optimizer = torch.optim.AdamW(groups, betas=betas, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    # fused AdamW: one kernel per step instead of the for-loop's passes with full-size temporaries (see train_dit.py).
+    optimizer = torch.optim.AdamW(groups, betas=betas, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                                  fused=True)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, schedule(optimizer, max_train_steps))
     uae = accelerator.unwrap_model(model)
     trained_models = [model]
     if discriminator is not None:
         d_optimizer = torch.optim.AdamW([p for p in discriminator.parameters() if p.requires_grad],
                                         lr=args.discriminator_learning_rate, betas=betas,
-                                        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                                        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=True)
         # The D schedule counts D updates, which begin at --discriminator_start_step.
         d_scheduler = schedule(d_optimizer, max_train_steps - args.discriminator_start_step)
         discriminator, d_optimizer, d_scheduler = accelerator.prepare(discriminator, d_optimizer, d_scheduler)

@@ -74,7 +74,7 @@ def train_classifier(
     """AdamW, linear warmup then cosine decay, random shifts of up to 2 px (digits are not flip-invariant);
     returns the model in eval mode."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.05, fused=True)
     warmup = max(1, round(WARMUP_FRACTION * steps))
 
     def lr_factor(step: int) -> float:
