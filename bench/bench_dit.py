@@ -2,11 +2,12 @@
 
 Both models are plain adaLN-Zero DiTs with the same width, depth, heads, tokens and patch (UAEDiT without
 SwiGLU / RoPE / RMSNorm, sinusoidal time embedding). Measures the median time of a training step
-(forward + backward + AdamW) and a sampling step (forward, no grad), with the two models' iterations
-interleaved so machine load hits both alike, in wall time and in process CPU time (which, unlike wall time,
-does not count time the process waits while other programs use the cores). Reports parameter counts, peak
-RSS and achieved GFLOP/s (analytic forward FLOPs, x3 for a training step) as a share of the best measured
-fp32 GEMM rate here.
+(forward + backward + fused AdamW, the optimiser train/train_dit.py uses, for both; glibc's allocator set to
+keep freed memory, as train_dit.py does on CPU) and a sampling step (forward, no grad), with the two models'
+iterations interleaved so machine load hits both alike, in wall time and in process CPU time (which, unlike
+wall time, does not count time the process waits while other programs use the cores). Reports parameter
+counts, peak RSS and achieved GFLOP/s (analytic forward FLOPs, x3 for a training step) as a share of the best
+measured fp32 GEMM rate here.
 Prints a Markdown table and writes JSON to --out.
 
     python bench/bench_dit.py --out bench_dit.json
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel
 
 from uae_gen.models.dit import UAEDiT
+from uae_gen.training import retain_freed_memory
 
 
 def parse_args():
@@ -75,7 +77,7 @@ class Runner:
 
     def __init__(self, name, model, timestep_scale, args, generator):
         self.name, self.model, self.timestep_scale = name, model, timestep_scale
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as train/train_dit.py
         shape = (args.batch_size, args.in_channels, args.sample_size, args.sample_size)
         self.sample = torch.randn(shape, generator=generator)
         self.target = torch.randn(shape, generator=generator)
@@ -112,6 +114,7 @@ def peak_rss_mib() -> float:
 
 def main():
     args = parse_args()
+    retain_freed_memory()  # as train/train_dit.py does on CPU; process-wide, so both models get it
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from uae_gen.convert import convert_ditdh_state_dict
-from uae_gen.models.dit import DIT_PRESETS, UAEDiT
+from uae_gen.models.dit import DIT_PRESETS, UAEDiT, apply_rope, rope_tables_2d
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 TINY = dict(sample_size=8, in_channels=4, num_classes=10)
@@ -87,6 +87,26 @@ def test_output_has_input_shape(preset, patch_size):
         velocity = model(sample, timestep, labels).sample
     assert velocity.shape == sample.shape
     assert torch.isfinite(velocity).all() and velocity.abs().max() > 0
+
+
+def test_rope_rotates_each_channel_pair_by_its_angle():
+    # Hand computation of the official rotation: pair (a, b) -> (a cos - b sin, b cos + a sin).
+    cos, sin = rope_tables_2d(head_dim=8, grid_size=3)
+    x = torch.randn(2, 4, 9, 8)
+    a, b = x[..., 0::2], x[..., 1::2]
+    c, s = cos[:, 0::2], sin[:, 0::2]
+    expected = torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, cos, sin), expected, rtol=0, atol=1e-6)
+    assert torch.equal(cos[:, 0::2], cos[:, 1::2]) and torch.equal(sin[:, 0::2], sin[:, 1::2])
+
+
+def test_residual_stream_is_contiguous():
+    # The residual stream keeps the layout of the patch tokens; a transposed one makes every norm and linear copy.
+    model = UAEDiT.from_preset("DiT-tiny", patch_size=2, **TINY)
+    layouts = []
+    model.blocks[0].register_forward_hook(lambda module, args, output: layouts.append(output.is_contiguous()))
+    model(*inputs(model))
+    assert model._embed_patches(model.x_embedder, inputs(model)[0]).is_contiguous() and layouts == [True]
 
 
 def test_unpatchify_inverts_patch_layout():

@@ -1,6 +1,7 @@
 """Accelerate glue shared by train/train_tokenizer.py and train/train_dit.py: EMA, LR schedule, crash-safe
-checkpoints, reproducible data order for resuming, and sample grids."""
+checkpoints, reproducible data order for resuming, sample grids, and the CPU allocator setting."""
 
+from .cpu_memory import retain_freed_memory
 from .checkpointing import (
     CHECKPOINT_MARKER,
     checkpoint_step,
@@ -26,6 +27,7 @@ __all__ = [
     "get_lr_scheduler",
     "resolve_resume_path",
     "resume_position",
+    "retain_freed_memory",
     "save_checkpoint",
     "save_image_grid",
     "write_json",
