@@ -42,6 +42,7 @@ from uae_gen.demo import (
     DIT_MODEL,
     GUIDANCE_SCALE,
     PhaseTimer,
+    dit_mixed_precision,
     generate,
     linear_probe_top1,
     load_train_script,
@@ -57,11 +58,12 @@ from uae_gen.training import save_image_grid, write_json
 
 DEFAULT_MINUTES = 25.0
 # Steps at the default budget; each scales linearly with --minutes, clamped below by MIN_STEPS. The teacher, judge
-# and sampling counts are the demo's. Measured at 1 thread: tokenizer ~0.05 s/step (stage 2 ~0.06), DiT-mini
-# ~0.5 s/step, 200 samples x 20 CFG steps ~65 s.
+# and sampling counts are the demo's. Measured at 1 thread: tokenizer ~0.05 s/step (stage 2 ~0.06), 200 samples
+# x 20 CFG steps ~65 s; DiT-mini (bf16 autocast where the CPU has it natively, as in the demo) ~0.2 s/step at
+# 2 threads.
 FULL_BUDGET_STEPS = {
     "teacher": demo.FULL_BUDGET_STEPS["teacher"], "judge": demo.FULL_BUDGET_STEPS["judge"],
-    "tokenizer": 800, "dit": 750, "samples_per_class": demo.FULL_BUDGET_STEPS["samples_per_class"],
+    "tokenizer": 800, "dit": 1100, "samples_per_class": demo.FULL_BUDGET_STEPS["samples_per_class"],
     "inference_steps": demo.FULL_BUDGET_STEPS["inference_steps"],
 }
 MIN_STEPS = {"teacher": 4, "judge": 4, "tokenizer": 2, "dit": 4, "samples_per_class": 2, "inference_steps": 4}
@@ -238,7 +240,8 @@ def generation_rows(scripts, out: Path, d_dir: Path, steps: dict, seed: int, tra
         run_script(scripts["train_dit"], ["--config", "dit_tiny", "--model", DIT_MODEL, "--latent_cache",
                                           work / "latents-d", "--output_dir", dit_dir, "--max_train_steps", n,
                                           "--checkpointing_steps", n + 1, "--validation_steps", n,
-                                          "--mixed_precision", "no", "--seed", seed, "--band_stagger", stagger])
+                                          "--mixed_precision", dit_mixed_precision(), "--seed", seed,
+                                          "--band_stagger", stagger])
         wall = time.time() - started
         pipe = UAEDiTPipeline.from_pretrained(dit_dir / "pipeline")
         pipe.set_progress_bar_config(disable=True)
