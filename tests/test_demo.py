@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from PIL import Image
 
 from uae_gen import UAEDiTPipeline
@@ -38,6 +40,9 @@ def test_minimal_demo_writes_every_output(tmp_path):
     assert metrics["steps"] == step_counts(0.05)
     assert metrics["num_generated"] == 10 * MIN_STEPS["samples_per_class"]
     assert metrics["wall_time"]["total_s"] >= sum(v for k, v in metrics["wall_time"].items() if k != "total_s") - 1
+    # The demo's scripts leave no accelerate state behind: the DiT's bf16 must not become the next default.
+    assert AcceleratorState._shared_state == {} and Accelerator().mixed_precision == "no"
+    AcceleratorState._reset_state(True)
 
     for name in ("samples.png", "bands.png", "reconstructions.png"):
         with Image.open(out / name) as image:

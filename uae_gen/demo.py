@@ -94,12 +94,18 @@ def load_train_script(name: str):
 
 
 def run_script(module, argv: list) -> dict:
-    """parse_args + main of a train/ script, with a fresh accelerate state (each main builds its Accelerator)."""
+    """parse_args + main of a train/ script with accelerate state of its own: reset before (each main builds its
+    Accelerator) and after (a state left behind, e.g. the DiT's bf16, would become the default mixed precision of
+    the next Accelerator built in this process)."""
     from accelerate.state import AcceleratorState, PartialState
 
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
-    return module.main(module.parse_args([str(a) for a in argv]))
+    try:
+        return module.main(module.parse_args([str(a) for a in argv]))
+    finally:
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
 
 
 def train_teacher(train, steps: int, seed: int, path: Path):
