@@ -10,7 +10,7 @@ setup(
     package_dir={"uae_gen.pipelines": "pipelines"},
     package_data={"uae_gen": ["data/*.json", "configs/*.json"]},
     install_requires=[
-        "torch>=2.3",
+        "torch>=2.4",
         "torchvision",
         "diffusers>=0.35",
         "accelerate>=1.0",

@@ -23,6 +23,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .attention import attention, check_attention_backend
+from .linear import Linear
 from .pos_embed import sincos_pos_embed_2d
 
 _NO_HEAD = dict(head_hidden_size=None, head_depth=0, head_num_heads=None)
@@ -89,7 +90,7 @@ class TimestepEmbedder(nn.Module):
             half = frequency_size // 2
             freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
             self.register_buffer("sinusoid_freqs", freqs, persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(Linear(frequency_size, hidden_size), nn.SiLU(), Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         t = t.float()
@@ -127,17 +128,19 @@ class SelfAttention(nn.Module):
         self.num_heads = num_heads
         self.backend = backend
         head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = Linear(dim, 3 * dim)
         # Official QK-norm: RMSNorm with the RMSNorm option, else a LayerNorm with affine and torch's eps.
         qk_norm = (lambda: nn.RMSNorm(head_dim, eps=1e-6)) if use_rmsnorm else (lambda: nn.LayerNorm(head_dim))
         self.q_norm = qk_norm() if use_qknorm else nn.Identity()
         self.k_norm = qk_norm() if use_qknorm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+        # Unbind on the qkv axis itself: its backward then stacks the three gradients straight into qkv's layout
+        # (one copy; unbinding a permuted view needs a second to undo the permute).
+        q, k, v = (part.transpose(1, 2) for part in qkv.unbind(2))  # each (B, heads, N, head_dim)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -150,8 +153,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden)
-        self.w3 = nn.Linear(hidden, dim)
+        self.w12 = Linear(dim, 2 * hidden)
+        self.w3 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.w12(x).chunk(2, dim=-1)
@@ -163,8 +166,8 @@ class GeluMlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -186,7 +189,7 @@ class DiTBlock(nn.Module):
         # adaLN-Zero: the condition regresses per-channel shift/scale of each norm and a gate on each residual
         # branch; the regressor is zero-initialised, so every block starts as the identity.
         self.wo_shift = wo_shift
-        self.adaLN_modulation = nn.Linear(dim, (4 if wo_shift else 6) * dim)
+        self.adaLN_modulation = Linear(dim, (4 if wo_shift else 6) * dim)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, rope=None) -> torch.Tensor:
         if self.wo_shift:
@@ -205,8 +208,8 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, out_dim: int, use_rmsnorm: bool):
         super().__init__()
         self.norm_final = build_norm(dim, use_rmsnorm)
-        self.adaLN_modulation = nn.Linear(dim, 2 * dim)
-        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = Linear(dim, 2 * dim)
+        self.linear = Linear(dim, out_dim)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(cond).chunk(2, dim=-1)
@@ -279,7 +282,7 @@ class UAEDiT(ModelMixin, ConfigMixin):
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, **block_options) for _ in range(depth))
         if self.has_head:
             widen = head_hidden_size != hidden_size
-            self.head_cond_proj = nn.Linear(hidden_size, head_hidden_size) if widen else nn.Identity()
+            self.head_cond_proj = Linear(hidden_size, head_hidden_size) if widen else nn.Identity()
             self.head_x_embedder = nn.Conv2d(in_channels, head_hidden_size, patch_size, stride=patch_size)
             self.head_blocks = nn.ModuleList(
                 DiTBlock(head_hidden_size, head_num_heads, **block_options) for _ in range(head_depth))
