@@ -7,7 +7,7 @@ keep freed memory, as train_dit.py does on CPU) and a sampling step (forward, no
 iterations interleaved so machine load hits both alike, in wall time and in process CPU time (which, unlike
 wall time, does not count time the process waits while other programs use the cores). Reports parameter
 counts, peak RSS and achieved GFLOP/s (analytic forward FLOPs, x3 for a training step) as a share of the best
-measured fp32 GEMM rate here.
+measured fp32 GEMM rate here (the faster of torch.mm and the oneDNN route UAEDiT's linears take on AVX-512 CPUs).
 Prints a Markdown table and writes JSON to --out.
 
     python bench/bench_dit.py --out bench_dit.json
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel
 
 from uae_gen.models.dit import UAEDiT
+from uae_gen.models.linear import onednn_linear, use_onednn
 from uae_gen.training import retain_freed_memory
 
 
@@ -58,18 +59,25 @@ def forward_flops(args) -> float:
     return args.batch_size * per_sample
 
 
-def gemm_gflops(args, reps: int = 30) -> float:
-    """Best measured fp32 GEMM rate on a matrix product shaped like the MLP's first layer (peak for this CPU)."""
+def gemm_gflops(args, reps: int = 30) -> dict[str, float]:
+    """Best measured fp32 GEMM rate on a matrix product shaped like the MLP's first layer, for each GEMM library the
+    models use: torch.mm (MKL) and, where uae_gen's Linear takes it, oneDNN (uae_gen.models.linear)."""
     m = args.batch_size * (args.sample_size // args.patch_size) ** 2
-    a, b = torch.randn(m, args.width), torch.randn(args.width, 4 * args.width)
-    for _ in range(3):
-        torch.mm(a, b)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * m * args.width * 4 * args.width / min(times) / 1e9
+    x, weight = torch.randn(m, args.width), torch.randn(4 * args.width, args.width)
+    routes = {"torch.mm": lambda: torch.mm(x, weight.t())}
+    if use_onednn(x, weight):
+        routes["oneDNN"] = lambda: onednn_linear(x, weight)
+    rates = {}
+    for name, product in routes.items():
+        for _ in range(3):
+            product()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            product()
+            times.append(time.perf_counter() - start)
+        rates[name] = 2 * m * args.width * 4 * args.width / min(times) / 1e9
+    return rates
 
 
 class Runner:
@@ -143,7 +151,8 @@ def main():
                 runner.timed(kind)
 
     flops = forward_flops(args)
-    gemm = gemm_gflops(args)
+    gemm_rates = gemm_gflops(args)
+    gemm_library, gemm = max(gemm_rates.items(), key=lambda item: item[1])
     rows = []
     for runner, peak in zip(runners, rss, strict=True):
         row = {"model": runner.name, "params_M": sum(p.numel() for p in runner.model.parameters()) / 1e6,
@@ -159,13 +168,14 @@ def main():
     speedup_cpu = {kind: rows[1][f"{kind}_cpu_ms"] / rows[0][f"{kind}_cpu_ms"] for kind in ("train", "sample")}
     result = {"config": vars(args), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
               "machine": platform.processor() or platform.machine(), "forward_gflop": flops / 1e9,
-              "gemm_gflops": gemm, "models": rows, "speedup_ours_vs_diffusers": speedup,
+              "gemm_gflops": gemm_rates, "models": rows, "speedup_ours_vs_diffusers": speedup,
               "speedup_in_cpu_time": speedup_cpu, "load_average_1_5_15min": os.getloadavg()}
 
     tokens = (args.sample_size // args.patch_size) ** 2
     print(f"width {args.width}, depth {args.depth}, heads {args.heads}, {tokens} tokens, batch {args.batch_size}, "
           f"fp32 CPU, {torch.get_num_threads()} threads; forward {flops / 1e9:.2f} GFLOP; "
-          f"best fp32 GEMM {gemm:.1f} GFLOP/s; medians of {args.iters}; load average {os.getloadavg()[0]:.1f}\n")
+          f"best fp32 GEMM {gemm:.1f} GFLOP/s ({gemm_library}; "
+          + ", ".join(f"{name} {rate:.1f}" for name, rate in gemm_rates.items()) + f"); medians of {args.iters}; load average {os.getloadavg()[0]:.1f}\n")
     print("| model | params (M) | train step ms: wall (CPU) | train GFLOP/s (share of GEMM) "
           "| sample step ms: wall (CPU) | sample GFLOP/s (share of GEMM) | process peak RSS after its warm-up (MiB) |")
     print("|---|---|---|---|---|---|---|")
