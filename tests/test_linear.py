@@ -41,6 +41,7 @@ INPUTS = {
     "condition (B, 1, D)": lambda: torch.randn(4, 1, 48),
     "expanded (stride 0)": lambda: torch.randn(1, 48).expand(6, 48),
     "one slice of a larger tensor": lambda: torch.randn(4, 3, 48)[:, 1],
+    "a single vector": lambda: torch.randn(48),
 }
 
 
