@@ -3,7 +3,6 @@ route taken where it applies, nn.Linear itself everywhere else."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
