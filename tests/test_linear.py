@@ -7,7 +7,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from uae_gen.models.dit import UAEDiT
-from uae_gen.models.linear import Linear, use_onednn
+from uae_gen.models.linear import Linear, transposed_copy, use_onednn
 
 ONEDNN_OP = "mkldnn::_linear_pointwise"
 # torch.backends.mkldnn.flags() also sets oneDNN's TF32 switch, and warns that it is GPU-only.
@@ -84,6 +84,29 @@ def test_fp32_cpu_takes_the_onednn_route_with_and_without_grad():
     with torch.no_grad():
         assert ONEDNN_OP in ops_run(lambda: ours(x))
         assert ours(x).grad_fn is None
+
+
+@pytest.mark.parametrize("shape", [(64, 80), (7, 48), (512, 1536), (33, 1)])
+def test_transposed_copy_is_the_exact_transpose(shape):
+    rows = torch.randn(shape)
+    copy = transposed_copy(rows)
+    assert copy.is_contiguous() and torch.equal(copy, rows.t())
+
+
+@needs_onednn_route
+@pytest.mark.parametrize("rows, out_features, weight_grad_gemm", [
+    (64, 80, ONEDNN_OP),  # tokens x features both large enough: oneDNN, through the transposed copy
+    (8, 80, "aten::mm"),  # a few conditions (adaLN): torch.mm
+    (64, 16, "aten::mm"),  # a few outputs (final layer): torch.mm
+])
+def test_weight_gradient_route_by_size(rows, out_features, weight_grad_gemm):
+    ours, reference = pair(out_features=out_features)
+    x = torch.randn(rows, 48)  # no input gradient: the only backward GEMM is the weight gradient's
+    out = ours(x)
+    assert weight_grad_gemm in ops_run(lambda: out.backward(torch.ones_like(out)))
+    reference(x).sum().backward()
+    assert relative_error(ours.weight.grad, reference.weight.grad) < 1e-6
+    assert relative_error(ours.bias.grad, reference.bias.grad) < 1e-6
 
 
 @quiet_flags
