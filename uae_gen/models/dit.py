@@ -23,6 +23,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .attention import attention, check_attention_backend
+from .gelu import gelu_tanh
 from .linear import Linear
 from .pos_embed import sincos_pos_embed_2d
 
@@ -170,7 +171,7 @@ class GeluMlp(nn.Module):
         self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class DiTBlock(nn.Module):
