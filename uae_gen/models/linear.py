@@ -33,17 +33,17 @@ _ONEDNN_LINEAR = _onednn_linear_op()
 _AVX512_CPU = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
-_MIN_ONEDNN_WEIGHT_GRAD = 64  # rows and output features; below that torch.mm was as fast on the weight gradient
+_MIN_ONEDNN_WEIGHT_GRAD = 64  # rows and output features; below that torch.mm was faster on the weight gradient
 
 
 def transposed_copy(rows: torch.Tensor) -> torch.Tensor:
     """rows.T (2-D) as a contiguous tensor, through a staging copy whose row length is an odd number of cache lines.
 
-    The transposed copy reads the source column by column. With rows of a power-of-two multiple of 64 bytes (1536
-    floats = 96 lines) those reads fall on a few cache sets and evict each other; padding each row to an odd number
-    of lines spreads them over all sets, and the staging copy (plain and fast) also brings the rows into cache. For
-    512 rows from cold memory on the project's CPU: width 384 0.14 vs 0.29 ms, 1152 0.36 vs 0.65, 1536 0.37 vs 1.15
-    for torch's direct transposed copy."""
+    The transposed copy reads the source column by column. With rows a multiple of 2 KiB (1536 floats) those reads
+    fall on two of the L1 cache's 64 sets and evict each other; padding each row to an odd number of 64-byte lines
+    spreads them over all sets, and the staging copy (plain and fast) also brings the rows into cache. For 512 rows
+    from cold memory on the project's CPU: width 384 0.14 vs 0.29 ms, 1152 0.36 vs 0.65, 1536 0.37 vs 1.15 for
+    torch's direct transposed copy."""
     height, width = rows.shape
     padding = (16 - width) % 32  # floats: width + padding is 16 mod 32, an odd multiple of 64 bytes
     staged = rows.new_empty(height, width + padding)[:, :width]
