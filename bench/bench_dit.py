@@ -8,6 +8,9 @@ iterations interleaved so machine load hits both alike, in wall time and in proc
 wall time, does not count time the process waits while other programs use the cores). Reports parameter
 counts, peak RSS and achieved GFLOP/s (analytic forward FLOPs, x3 for a training step) as a share of the best
 measured fp32 GEMM rate here (the faster of torch.mm and the oneDNN route UAEDiT's linears take on AVX-512 CPUs).
+It also splits each step into its matrix products and the rest: the matmul ops of one step are recorded (layouts,
+not values) and replayed alone, right after each timed step, on random operands of the same shapes and strides; the
+rest is the step's median minus the replay's (attention kernels, norms, activations, AdamW, framework overhead).
 Prints a Markdown table and writes JSON to --out.
 
     python bench/bench_dit.py --out bench_dit.json
@@ -20,10 +23,12 @@ import platform
 import resource
 import statistics
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from uae_gen.models.dit import UAEDiT
 from uae_gen.models.linear import onednn_linear, use_onednn
@@ -80,6 +85,35 @@ def gemm_gflops(args, reps: int = 30) -> dict[str, float]:
     return rates
 
 
+MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+if hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # the op UAEDiT's linears call on AVX-512 CPUs
+    MATMUL_OPS.add(torch.ops.mkldnn._linear_pointwise.default)
+
+
+class TensorLayout(NamedTuple):
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+    def random(self) -> torch.Tensor:
+        """A tensor of this shape and these strides, with random values."""
+        storage = torch.randn(sum((size - 1) * step for size, step in zip(self.shape, self.stride)) + 1)
+        return storage.as_strided(self.shape, self.stride)
+
+
+class MatmulRecorder(TorchDispatchMode):
+    """Records each matmul op a step dispatches, with its tensor arguments' shapes and strides (not their values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in MATMUL_OPS:
+            layouts = [TensorLayout(a.shape, a.stride()) if isinstance(a, torch.Tensor) else a for a in args]
+            self.calls.append((func, layouts, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
 class Runner:
     """One model, its optimizer, fixed inputs and the two timed steps."""
 
@@ -91,8 +125,9 @@ class Runner:
         self.target = torch.randn(shape, generator=generator)
         self.timestep = torch.rand(args.batch_size, generator=generator)
         self.labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=generator)
-        self.times = {"train": [], "sample": []}
+        self.times = {"train": [], "sample": [], "train_matmuls": [], "sample_matmuls": []}
         self.cpu_times = {"train": [], "sample": []}
+        self.matmul_replays = {}
 
     def predict(self):
         return self.model(self.sample, self.timestep * self.timestep_scale, self.labels).sample
@@ -109,11 +144,30 @@ class Runner:
         with torch.no_grad():
             self.predict()
 
+    def record_matmuls(self):
+        """Records one step of each kind and prepares its matmuls for replay on random operands, one set per call
+        (as in the step, where most operands come from memory rather than cache)."""
+        for kind in ("train", "sample"):
+            recorder = MatmulRecorder()
+            with recorder:
+                self.train_step() if kind == "train" else self.sample_step()
+            self.matmul_replays[kind] = [
+                (func, [a.random() if isinstance(a, TensorLayout) else a for a in layouts], kwargs)
+                for func, layouts, kwargs in recorder.calls]
+            self.replay_matmuls(kind)  # warms oneDNN's primitive cache for the replay's layouts
+
+    def replay_matmuls(self, kind):
+        for func, args, kwargs in self.matmul_replays[kind]:
+            func(*args, **kwargs)
+
     def timed(self, kind):
         start, cpu_start = time.perf_counter(), time.process_time()
         self.train_step() if kind == "train" else self.sample_step()
         self.times[kind].append(time.perf_counter() - start)
         self.cpu_times[kind].append(time.process_time() - cpu_start)
+        start = time.perf_counter()  # right after the step, so both see the same load on the machine
+        self.replay_matmuls(kind)
+        self.times[f"{kind}_matmuls"].append(time.perf_counter() - start)
 
 
 def peak_rss_mib() -> float:
@@ -144,6 +198,8 @@ def main():
         for _ in range(args.warmup):
             runners[1].train_step() if kind == "train" else runners[1].sample_step()
     rss.append(peak_rss_mib())
+    for runner in runners:
+        runner.record_matmuls()
 
     for kind in ("train", "sample"):  # interleaved, so load changes on the machine affect both alike
         for _ in range(args.iters):
@@ -160,16 +216,22 @@ def main():
         for kind, flop_factor in (("train", 3), ("sample", 1)):
             median = statistics.median(runner.times[kind])
             gflops = flop_factor * flops / median / 1e9
+            matmul_ms = statistics.median(runner.times[f"{kind}_matmuls"]) * 1e3
             row.update({f"{kind}_ms": median * 1e3, f"{kind}_min_ms": min(runner.times[kind]) * 1e3,
                         f"{kind}_cpu_ms": statistics.median(runner.cpu_times[kind]) * 1e3,
-                        f"{kind}_gflops": gflops, f"{kind}_gemm_share": gflops / gemm})
+                        f"{kind}_gflops": gflops, f"{kind}_gemm_share": gflops / gemm,
+                        f"{kind}_matmul_calls": len(runner.matmul_replays[kind]), f"{kind}_matmul_ms": matmul_ms,
+                        f"{kind}_rest_ms": median * 1e3 - matmul_ms})
         rows.append(row)
     speedup = {kind: rows[1][f"{kind}_ms"] / rows[0][f"{kind}_ms"] for kind in ("train", "sample")}
     speedup_cpu = {kind: rows[1][f"{kind}_cpu_ms"] / rows[0][f"{kind}_cpu_ms"] for kind in ("train", "sample")}
+    speedup_parts = {f"{kind}_{part}": rows[1][f"{kind}_{part}_ms"] / rows[0][f"{kind}_{part}_ms"]
+                     for kind in ("train", "sample") for part in ("matmul", "rest")}
     result = {"config": vars(args), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
               "machine": platform.processor() or platform.machine(), "forward_gflop": flops / 1e9,
               "gemm_gflops": gemm_rates, "models": rows, "speedup_ours_vs_diffusers": speedup,
-              "speedup_in_cpu_time": speedup_cpu, "load_average_1_5_15min": os.getloadavg()}
+              "speedup_in_cpu_time": speedup_cpu, "speedup_of_parts": speedup_parts,
+              "load_average_1_5_15min": os.getloadavg()}
 
     tokens = (args.sample_size // args.patch_size) ** 2
     print(f"width {args.width}, depth {args.depth}, heads {args.heads}, {tokens} tokens, batch {args.batch_size}, "
@@ -184,8 +246,16 @@ def main():
               f"| {row['train_gflops']:.1f} ({row['train_gemm_share']:.0%}) "
               f"| {row['sample_ms']:.1f} ({row['sample_cpu_ms']:.1f}) | {row['sample_gflops']:.1f} "
               f"({row['sample_gemm_share']:.0%}) | {row['peak_rss_MiB_after_warmup']:.0f} |")
+    print("\n| model | train: matmuls replayed alone ms (calls) | train: rest ms "
+          "| sample: matmuls replayed alone ms (calls) | sample: rest ms |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['model']} | {row['train_matmul_ms']:.1f} ({row['train_matmul_calls']}) "
+              f"| {row['train_rest_ms']:.1f} | {row['sample_matmul_ms']:.1f} ({row['sample_matmul_calls']}) "
+              f"| {row['sample_rest_ms']:.1f} |")
     print(f"\nspeed-up of ours over diffusers, wall (CPU time): train {speedup['train']:.2f}x "
-          f"({speedup_cpu['train']:.2f}x), sample {speedup['sample']:.2f}x ({speedup_cpu['sample']:.2f}x)")
+          f"({speedup_cpu['train']:.2f}x), sample {speedup['sample']:.2f}x ({speedup_cpu['sample']:.2f}x); "
+          "of the parts: " + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in speedup_parts.items()))
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=2)
 
