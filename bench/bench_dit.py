@@ -115,7 +115,7 @@ class MatmulRecorder(TorchDispatchMode):
 
 
 class Runner:
-    """One model, its optimizer, fixed inputs and the two timed steps."""
+    """One model, its optimizer, fixed inputs, the two timed steps and the replay of their matmuls."""
 
     def __init__(self, name, model, timestep_scale, args, generator):
         self.name, self.model, self.timestep_scale = name, model, timestep_scale
