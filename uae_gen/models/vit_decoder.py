@@ -25,12 +25,7 @@ from torch import nn
 from .encoders import IMAGENET_MEAN, IMAGENET_STD
 from .pos_embed import sincos_pos_embed_2d
 
-DECODER_PRESETS = {
-    "B": dict(hidden_size=768, depth=12, num_heads=12, mlp_dim=3072),
-    "L": dict(hidden_size=1024, depth=24, num_heads=16, mlp_dim=4096),
-    "XL": dict(hidden_size=1152, depth=28, num_heads=16, mlp_dim=4096),
-    "tiny": dict(hidden_size=64, depth=2, num_heads=2, mlp_dim=128),
-}
+
 class ViTDecoder(nn.Module):
     def __init__(
         self,
