@@ -6,8 +6,8 @@ setup(
     description="Latent diffusion on the UAE (Prism Hypothesis) latent: diffusers-native tokenizer, DiT, training and eval",
     python_requires=">=3.10",
     packages=find_packages(include=["uae_gen", "uae_gen.*"]) + ["uae_gen.pipelines"],
-    # The pipeline keeps its own top-level folder, beside train/ and eval/, as diffusers' community pipelines do, but
-    # installs as uae_gen.pipelines so that `from uae_gen import UAEDiTPipeline` works.
+    # The pipeline keeps a top-level pipelines/ folder in the checkout, beside train/ and eval/, and installs as
+    # uae_gen.pipelines so that `from uae_gen import UAEDiTPipeline` works.
     package_dir={"uae_gen.pipelines": "pipelines"},
     package_data={"uae_gen": ["data/*.json", "configs/*.json"]},
     install_requires=[
