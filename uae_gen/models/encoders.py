@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
+# ImageNet RGB mean / std: defined here once; the decoder, the discriminator and the converters import them.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TOKEN_NORMS = ("layernorm_no_affine", "layernorm", "none")
