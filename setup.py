@@ -6,8 +6,8 @@ setup(
     description="Latent diffusion on the UAE (Prism Hypothesis) latent: diffusers-native tokenizer, DiT, training and eval",
     python_requires=">=3.10",
     packages=find_packages(include=["uae_gen", "uae_gen.*"]) + ["uae_gen.pipelines"],
-    # The pipeline keeps a top-level pipelines/ folder in the checkout, beside train/ and eval/, and installs as
-    # uae_gen.pipelines so that `from uae_gen import UAEDiTPipeline` works.
+    # The pipeline's source sits in the top-level pipelines/ folder; it installs as uae_gen.pipelines so that the
+    # installed package holds it and `from uae_gen import UAEDiTPipeline` works outside the checkout.
     package_dir={"uae_gen.pipelines": "pipelines"},
     package_data={"uae_gen": ["data/*.json", "configs/*.json"]},
     install_requires=[
