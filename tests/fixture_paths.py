@@ -1,8 +1,13 @@
-"""Where the official-code fixtures live: ../shared/fixtures beside the checkout (see its README)."""
+"""Where the official-code fixtures live: tests/fixtures, shipped with the tests (see its README.md)."""
 
 from pathlib import Path
 
-import pytest
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-requires_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"official fixtures not found at {FIXTURES}")
+
+def requires_fixtures(test):
+    """Marks a test that reads FIXTURES. The files ship with the tests, so a missing folder is an error when the
+    test module is collected, never a skip."""
+    if not FIXTURES.is_dir():
+        raise FileNotFoundError(f"the official fixtures folder {FIXTURES} is missing from this checkout")
+    return test
