@@ -23,7 +23,7 @@ from uae_gen.convert import convert_checkpoint, infer_ditdh_config
 from uae_gen.models.autoencoder_uae import AutoencoderUAE
 from uae_gen.models.dit import UAEDiT
 
-from .fixture_paths import FIXTURES, requires_fixtures
+from .fixture_paths import FIXTURES
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -163,7 +163,6 @@ def test_rae_diffusers_matches_autoencoder_rae(tmp_path, with_stats):
 # ---- DiT^DH ---------------------------------------------------------------------------------------------------
 
 
-@requires_fixtures
 def test_ditdh_fixture_converted_through_the_cli_reproduces_the_official_output(tmp_path, capsys):
     weights_file = FIXTURES / "rae_ditdh_tiny_weights.safetensors"
     official = json.loads((FIXTURES / "rae_ditdh_tiny_config.json").read_text())
@@ -197,7 +196,6 @@ def band_fixture(shape: str):
     return torch.from_numpy(data[f"z_{shape}"]), {key: torch.from_numpy(data[key]) for key in data}
 
 
-@requires_fixtures
 @pytest.mark.parametrize("shape", ["8x16x16", "4x12x12"])
 def test_uae_v1_checkpoint_converts_to_the_v1_mode(tmp_path, shape):
     z, data = band_fixture(shape)
@@ -220,7 +218,6 @@ def test_uae_v1_checkpoint_converts_to_the_v1_mode(tmp_path, shape):
             assert max_error((image + 1) / 2, official_decode(reference_decoder, official_fused)) < 1e-5
 
 
-@requires_fixtures
 @pytest.mark.parametrize("shape", ["8x16x16", "4x12x12"])
 def test_uae_v2_checkpoint_converts_to_the_dct_mode(tmp_path, shape):
     z, data = band_fixture(shape)
