@@ -212,7 +212,7 @@ def infer_ditdh_config(state_dict: Mapping[str, torch.Tensor], trunk_depth: int 
 
 def convert_ditdh_checkpoint(path: str | os.PathLike, config_overrides: Optional[dict] = None):
     """An official DiT^DH checkpoint file -> `UAEDiT` (config from the weight shapes, then the overrides)."""
-    from .models.dit import UAEDiT
+    from ..models.dit import UAEDiT
 
     overrides = dict(config_overrides or {})
     state_dict = select_state_dict(read_checkpoint_file(path), path)
@@ -438,7 +438,7 @@ _DECODER_ATTENTION_NAMES = (
 
 def check_decoder_position_table(table: torch.Tensor, grid: int) -> None:
     """A stored (1, 1 + grid*grid, D) decoder table must be the fixed MAE sin-cos table uae_gen rebuilds."""
-    from .models.pos_embed import sincos_pos_embed_2d
+    from ..models.pos_embed import sincos_pos_embed_2d
 
     width = table.shape[-1]
     if table.shape[1:] != (grid * grid + 1, width) or not torch.allclose(
@@ -518,7 +518,7 @@ def _read_diffusers_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 def convert_rae_diffusers(src: str | os.PathLike, config_overrides: Optional[dict] = None):
     """A diffusers ``AutoencoderRAE`` directory (or hub id) -> ``AutoencoderUAE`` in RAE mode."""
-    from .models.autoencoder_uae import AutoencoderUAE
+    from ..models.autoencoder_uae import AutoencoderUAE
 
     directory = _resolve_directory(src)
     config_file = directory / "config.json"
@@ -568,7 +568,7 @@ def convert_rae_diffusers(src: str | os.PathLike, config_overrides: Optional[dic
 
 def convert_uae_checkpoint(path: str | os.PathLike, version: str, config_overrides: Optional[dict] = None):
     """An official UAE checkpoint (``version`` "v1": ``unified_ae``; "v2": ``src/stage1``) -> ``AutoencoderUAE``."""
-    from .models.autoencoder_uae import UAE_PRESETS, AutoencoderUAE
+    from ..models.autoencoder_uae import UAE_PRESETS, AutoencoderUAE
 
     if version not in ("v1", "v2"):
         raise ValueError(f"UAE version must be 'v1' or 'v2', got {version!r}")
