@@ -1,32 +1,21 @@
-"""Latent cache: train/cache_latents.py round trip, statistics estimators, flip choice, errors, two real ranks."""
+"""Latent cache: uae_gen/scripts/cache_latents.py round trip, statistics estimators, flip choice, errors, two real
+ranks."""
 
-import importlib.util
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from uae_gen.data import LatentCacheDataset, LatentStatistics, load_demo_digits
 from uae_gen.models.autoencoder_uae import AutoencoderUAE
+from uae_gen.scripts import cache_latents
 
-REPO = Path(__file__).resolve().parents[1]
 NUM_SAMPLES = 40
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "train" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cache_latents = load_script("cache_latents")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -176,7 +165,7 @@ def test_two_ranks_each_encode_a_share_and_merge_statistics(cache):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu",
                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), str(REPO / "train" / "cache_latents.py"),
+               "--main_process_port", str(port), "-m", "uae_gen.scripts.cache_latents",
                "--vae", str(root / "vae"), "--dataset", "demo-digits", "--output_dir", str(root / "cache2"),
                "--max_samples", str(NUM_SAMPLES), "--batch_size", "16", "--shard_size", "16"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

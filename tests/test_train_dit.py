@@ -1,7 +1,6 @@
-"""train/train_dit.py: exact resume in a new process after a crash mid-checkpoint, two real ranks, the loss going
+"""uae_gen/scripts/train_dit.py: exact resume in a new process after a crash mid-checkpoint, two real ranks, the loss going
 down, the final pipeline, the sample grid, cache vs on-the-fly data, and the flags."""
 
-import importlib.util
 import json
 import os
 import socket
@@ -18,21 +17,12 @@ from uae_gen.pipelines.pipeline_uae_dit import UAEDiTPipeline
 from uae_gen.data import load_demo_digits
 from uae_gen.models.autoencoder_uae import AutoencoderUAE
 from uae_gen.models.dit import UAEDiT
+from uae_gen.scripts import cache_latents, train_dit
 from uae_gen.training import checkpointing, find_latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_DIT = REPO / "train" / "train_dit.py"
+TRAIN_DIT = REPO / "train" / "train_dit.py"  # the checkout's shim, run as a subprocess
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "train" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_dit, cache_latents = load_script("train_dit"), load_script("cache_latents")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

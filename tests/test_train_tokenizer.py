@@ -1,9 +1,8 @@
-"""train/train_tokenizer.py: the three UAE stages chained on the tiny preset, each under `accelerate launch` and
-started from the previous stage's output (stage 3 also in-process to watch its discriminator), what each stage
-trains, the frozen teacher, the discriminator start step, validation PSNR, exact resume in a new process, flag /
-preset handling. Tiny random-weight models; no downloads."""
+"""uae_gen/scripts/train_tokenizer.py: the three UAE stages chained on the tiny preset, each under
+`accelerate launch` and started from the previous stage's output (stage 3 also in-process to watch its
+discriminator), what each stage trains, the frozen teacher, the discriminator start step, validation PSNR, exact
+resume in a new process, flag / preset handling. Tiny random-weight models; no downloads."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,21 +16,11 @@ from safetensors.torch import load_file, save_file
 from uae_gen.losses import LPIPS
 from uae_gen.models.autoencoder_uae import UAE_PRESETS, AutoencoderUAE
 from uae_gen.models.encoders import SemanticEncoder
+from uae_gen.scripts import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "train" / "train_tokenizer.py"
 # Measured on 16 held-out images: +7.0 / +6.9 / +6.6 dB after 20 steps (batch 8, seeds 0-2); we require +4 dB.
 PSNR_GAIN_DB, PSNR_STEPS = 4.0, 20
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_tokenizer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_tokenizer = _load_script()
 
 
 def run_in_process(argv):
@@ -74,7 +63,7 @@ def encoder_file(workdir):
 
 def accelerate_launch(script_argv, mixed_precision="no"):
     command = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision",
-               mixed_precision, "--dynamo_backend", "no", str(SCRIPT), *map(str, script_argv)]
+               mixed_precision, "--dynamo_backend", "no", "-m", "uae_gen.scripts.train_tokenizer", *map(str, script_argv)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -214,7 +203,7 @@ def test_resume_in_a_new_process_is_exact(workdir, encoder_file):
     uninterrupted, resumed = workdir / "uninterrupted", workdir / "resumed"
     run_in_process(argv(uninterrupted, 6))
     run_in_process(argv(resumed, 3))
-    command = [sys.executable, str(SCRIPT), *map(str, argv(resumed, 6)), "--resume_from_checkpoint", "latest"]
+    command = [sys.executable, "-m", "uae_gen.scripts.train_tokenizer", *map(str, argv(resumed, 6)), "--resume_from_checkpoint", "latest"]
     result = subprocess.run(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -262,7 +251,7 @@ def test_presets_and_overrides():
     assert parse(["--config", "tiny", "--stage", "3", "--no-band_noise"]).band_noise is False
 
     # method.md 2.1 (v1): 64 then 32 per GPU, 2e-4 then 5e-5 -> 1e-5 cosine, EMA 0.9999 / 0.999, GAN 0.75 adaptive.
-    common = ["--config", str(REPO / "train" / "configs" / "tokenizer_imagenet256.json"), "--train_data_dir", "x",
+    common = ["--config", "tokenizer_imagenet256", "--train_data_dir", "x",
               "--lpips_vgg_weights", "vgg.safetensors", "--stage"]
     s1, s2, s3 = (parse(common + [str(stage)]) for stage in (1, 2, 3))
     assert (s1.train_batch_size, s1.learning_rate, s1.ema_decay, s1.lpips_weight) == (64, 2e-4, 0.9999, 0.0)
