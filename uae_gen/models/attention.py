@@ -31,11 +31,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     if backend == "auto":
         backend = "xformers" if q.is_cuda and xformers_available() else "sdpa"
     if backend == "sdpa":
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            # torch's CPU flash-attention backward is ~3x slower in bf16 than in fp32, and attention is a small
-            # share of the FLOPs: run it in fp32 (autocast off, or it would cast the inputs straight back).
-            with torch.autocast("cpu", enabled=False):
-                return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v)
     try:
         import xformers.ops
