@@ -5,7 +5,11 @@ import pytest
 import torch
 
 from uae_gen.models.bands import (
+    BAND_TRANSFORMS,
     BandProjector,
+    BandTransform,
+    DCTBandTransform,
+    FFTBandTransform,
     cutoffs_from_v1_schedule,
     dct_matrix,
     frequency_radius,
@@ -89,6 +93,98 @@ def test_bad_inputs_raise():
         BandProjector(16, 16, transform="wavelet")
     with pytest.raises(ValueError, match="dct"):
         BandProjector(16, 16, transform="fft").lowpass(torch.randn(1, 1, 16, 16), 4)
+    with pytest.raises(ValueError, match="hard_ring"):
+        BandProjector(16, 16, transform="dct", mask_shape="hard_ring")
+    with pytest.raises(ValueError, match="shape"):
+        BandProjector(16, 16, transform="dct").to_coefficients(torch.randn(1, 1, 16, 12))
+    with pytest.raises(ValueError, match="shape"):
+        BandProjector(16, 16).from_coefficients(torch.randn(1, 1, 16, 16, dtype=torch.complex64))
+
+
+def test_transforms_come_from_the_registry():
+    assert BAND_TRANSFORMS == {"fft": FFTBandTransform, "dct": DCTBandTransform}
+    for name, cls in BAND_TRANSFORMS.items():
+        projector = BandProjector(12, 10, num_bands=3, transform=name)
+        assert type(projector.band_transform) is cls and projector.band_transform.num_bands == 3
+        assert projector.masks is projector.band_transform.masks
+
+
+class RowBands(BandTransform):
+    """A test transform: the identity, with bands as ranges of rows (so band k is known exactly)."""
+
+    name = "rows"
+
+    def __init__(self, height, width, cutoffs, mask_shape="smooth", transition_width=1.0, keep_residual=True):
+        super().__init__(height, width, cutoffs, mask_shape, transition_width, keep_residual)
+        bounds = [0, *[round(c * height) for c in cutoffs], height]
+        rows = torch.arange(height)[:, None].expand(height, width)
+        masks = torch.stack([((rows >= lo) & (rows < hi)).float() for lo, hi in zip(bounds, bounds[1:])])
+        self.register_buffer("masks", masks, persistent=False)
+
+    def to_coefficients(self, z):
+        return z.float()
+
+    def from_coefficients(self, coefficients):
+        return coefficients
+
+
+def test_a_new_transform_is_one_class(monkeypatch):
+    monkeypatch.setitem(BAND_TRANSFORMS, "rows", RowBands)
+    z = torch.randn(2, 3, 8, 5, generator=torch.Generator().manual_seed(4))
+    projector = BandProjector(8, 5, num_bands=3, transform="rows", cutoffs=[0.25, 0.5])
+    bands = projector.split(z)
+    assert bands.shape == (2, 3, 3, 8, 5)
+    assert torch.equal(bands[:, 0, :, :2], z[:, :, :2]) and not bands[:, 0, :, 2:].any()
+    assert torch.equal(bands[:, 1, :, 2:4], z[:, :, 2:4]) and not bands[:, 1, :, :2].any()
+    assert torch.equal(bands[:, 2, :, 4:], z[:, :, 4:])  # the residual
+    assert torch.equal(projector.merge(bands), z)
+    with pytest.raises(ValueError, match="rows transform has no such order"):
+        projector.lowpass(z, 3)
+
+
+@pytest.mark.parametrize("transform", ["fft", "dct"])
+def test_coefficients_round_trip_in_float32(transform):
+    z = torch.randn(2, 3, 12, 10, generator=torch.Generator().manual_seed(5))
+    projector = BandProjector(12, 10, transform=transform)
+    coefficients = projector.to_coefficients(z)
+    assert coefficients.shape[-2:] == projector.band_transform.coefficient_shape
+    assert (projector.from_coefficients(coefficients) - z).abs().max() < 1e-5
+    half = projector.to_coefficients(z.bfloat16())
+    assert half.dtype == coefficients.dtype  # float32 (complex64 for fft), whatever the input dtype
+    assert (half - coefficients).abs().max() < 0.05
+    if transform == "dct":  # orthonormal: energy is kept
+        assert torch.allclose(coefficients.square().sum(), z.square().sum(), rtol=1e-5)
+
+
+def test_dct_lowpass_keeps_the_first_zigzag_coefficients():
+    h, w = 12, 10
+    z = torch.randn(3, 4, h, w, generator=torch.Generator().manual_seed(6))
+    dct = DCTBandTransform(h, w, cutoffs=[0.5])
+    rank = torch.empty(h * w, dtype=torch.long)
+    rank[zigzag_order(h, w)] = torch.arange(h * w)
+    for n in (1, 7, 64, h * w):
+        low = dct.lowpass(z, n)
+        kept = (rank < n).view(h, w)
+        coefficients = dct.to_coefficients(low)
+        assert (coefficients[..., kept] - dct.to_coefficients(z)[..., kept]).abs().max() < 1e-5
+        assert (coefficients[..., ~kept].abs() < 1e-5).all()
+    # One coefficient is the DC term: each channel becomes its spatial mean. All of them give z back.
+    assert torch.allclose(dct.lowpass(z, 1), z.mean(dim=(-2, -1), keepdim=True).expand_as(z), atol=1e-6)
+    assert (dct.lowpass(z, h * w) - z).abs().max() < 1e-5
+    # Per-sample counts give each sample its own low-pass; the projector's lowpass is the class's.
+    per_sample = dct.lowpass(z, torch.tensor([1, 7, 64]))
+    for i, n in enumerate((1, 7, 64)):
+        assert torch.equal(per_sample[i], dct.lowpass(z[i : i + 1], n)[0])
+    assert torch.equal(BandProjector(h, w, 2, "dct").lowpass(z, 7), dct.lowpass(z, 7))
+    assert dct.lowpass(z.bfloat16(), 7).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bad", [0, -3, 121, 1000])
+def test_dct_lowpass_rejects_counts_outside_the_grid(bad):
+    with pytest.raises(ValueError, match=f"num_coefficients must lie in \\[1, 120\\].*got {bad}$"):
+        DCTBandTransform(12, 10, cutoffs=[0.5]).lowpass(torch.randn(1, 2, 12, 10), bad)
+    with pytest.raises(TypeError, match="num_coefficients"):
+        DCTBandTransform(12, 10, cutoffs=[0.5]).lowpass(torch.randn(1, 2, 12, 10), 2.5)
 
 
 @requires_fixtures

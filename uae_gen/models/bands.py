@@ -8,15 +8,17 @@ band K-1 the highest (detail). The split is the paper's iterative residual split
 where P_k keeps the frequencies of r_k below the k-th cut-off. By default the last band takes the whole remaining
 residual, so ``merge(split(z)) == z`` exactly and no frequency bin is lost.
 
-Two transforms, one code path each:
+Each transform is one small class behind the ``BandTransform`` interface (masks, to/from coefficients, split,
+merge, lowpass), chosen by name from ``BAND_TRANSFORMS``; ``BandProjector`` validates the band layout and delegates:
 
-* ``"fft"``: P_k multiplies the 2-D real FFT (rfft2 / irfft2, orthogonal round trip) by a radial mask over the
-  integer frequency grid. ``mask_shape="smooth"`` uses raised-cosine low-pass masks (the paper's smooth radial
-  masks). ``mask_shape="hard_ring"`` reproduces the released UAE v1 code: binary rings
+* ``"fft"`` (``FFTBandTransform``): P_k multiplies the 2-D real FFT (rfft2 / irfft2, orthogonal round trip) by a
+  radial mask over the integer frequency grid. ``mask_shape="smooth"`` uses raised-cosine low-pass masks (the
+  paper's smooth radial masks). ``mask_shape="hard_ring"`` reproduces the released UAE v1 code: binary rings
   ``radius_k <= r <= radius_{k+1}`` on the centred grid, and with ``keep_residual=False`` the final residual (the
   corner bins beyond r_max) is dropped exactly as the official code drops it.
-* ``"dct"``: the newer official code's orthonormal DCT-II with JPEG zig-zag order; band k is a range of zig-zag
-  positions (a binary mask on coefficients, so bands are disjoint and exact).
+* ``"dct"`` (``DCTBandTransform``): the newer official code's orthonormal DCT-II with JPEG zig-zag order; band k is
+  a range of zig-zag positions (a binary mask on coefficients, so bands are disjoint and exact). Its
+  ``lowpass(z, n)`` keeps the first n zig-zag coefficients of every channel (the v2 frequency-limited latent).
 
 Cut-offs (``cutoffs``, K-1 increasing numbers in (0, 1]) are fractions of r_max = min(h//2, w//2) for ``"fft"``
 and fractions of the h*w zig-zag positions for ``"dct"``.
@@ -28,13 +30,13 @@ config, so they never travel in a checkpoint. FFTs run in float32 whatever the i
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-TRANSFORMS = ("fft", "dct")
-MASK_SHAPES = ("smooth", "hard_ring")
+MASK_SHAPES = ("smooth", "hard_ring")  # of the fft transform
 
 
 def default_cutoffs(num_bands: int) -> list[float]:
@@ -122,23 +124,213 @@ def dct_matrix(n: int) -> torch.Tensor:
     return d
 
 
+def zigzag_rank(height: int, width: int) -> torch.Tensor:
+    """Position of every coefficient of an (height, width) grid in zig-zag order, (height, width) long; DC is 0."""
+    rank = torch.empty(height * width, dtype=torch.long)
+    rank[zigzag_order(height, width)] = torch.arange(height * width)
+    return rank.view(height, width)
+
+
 def dct_band_masks(height: int, width: int, cutoffs: Sequence[float]) -> torch.Tensor:
     """Binary coefficient masks (num_bands, height, width): band k holds zig-zag positions [n_{k-1}, n_k)."""
     total = height * width
     bounds = [0, *[round(c * total) for c in cutoffs], total]
-    rank = torch.empty(total, dtype=torch.long)
-    rank[zigzag_order(height, width)] = torch.arange(total)
-    rank = rank.view(height, width)
+    rank = zigzag_rank(height, width)
     return torch.stack([((rank >= lo) & (rank < hi)).float() for lo, hi in zip(bounds, bounds[1:])])
+
+
+def _check_grid(x: torch.Tensor, shape: tuple[int, int], what: str) -> torch.Tensor:
+    if x.ndim < 2 or tuple(x.shape[-2:]) != tuple(shape):
+        raise ValueError(f"expected {what} of shape (..., {shape[0]}, {shape[1]}), got {tuple(x.shape)}")
+    return x
+
+
+class BandTransform(nn.Module):
+    """A linear transform of the (h, w) grid and the band masks on its coefficients.
+
+    A subclass sets ``name``, ``mask_shapes`` and the ``masks`` buffer and defines ``to_coefficients`` /
+    ``from_coefficients``; the iterative residual split and the merge are shared, so a new transform is one class.
+
+    Args:
+        height, width: latent grid size.
+        cutoffs: K-1 increasing fractions in (0, 1] (validated by ``BandProjector``), so K = len(cutoffs) + 1.
+        mask_shape: one of the subclass's ``mask_shapes``.
+        transition_width: width of smooth masks' roll-off, for transforms that have one.
+        keep_residual: the last band is what the first K-1 projectors leave; False keeps every mask's output
+            instead and drops that residual (the released v1 code).
+    """
+
+    name: str = ""
+    mask_shapes: tuple[str, ...] = ("smooth",)
+    masks: torch.Tensor  # (num_masks, *coefficient_shape), float32
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        cutoffs: Sequence[float],
+        mask_shape: str = "smooth",
+        transition_width: float = 1.0,
+        keep_residual: bool = True,
+    ):
+        super().__init__()
+        if mask_shape not in self.mask_shapes:
+            raise ValueError(
+                f"mask_shape {mask_shape!r} is not available for the {self.name} transform; "
+                f"choose from {self.mask_shapes}"
+            )
+        self.height, self.width, self.num_bands = height, width, len(cutoffs) + 1
+        self.mask_shape, self.keep_residual = mask_shape, keep_residual
+
+    @property
+    def coefficient_shape(self) -> tuple[int, int]:
+        """Last two dimensions of ``to_coefficients``'s output."""
+        return self.height, self.width
+
+    def extra_repr(self) -> str:
+        return f"{self.height}x{self.width}, num_bands={self.num_bands}, mask_shape={self.mask_shape}"
+
+    def to_coefficients(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., h, w) grid -> (..., *coefficient_shape) coefficients, computed in float32."""
+        raise NotImplementedError
+
+    def from_coefficients(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """The exact inverse of ``to_coefficients``: coefficients -> (..., h, w) float32 grid."""
+        raise NotImplementedError
+
+    def split(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, K, C, h, w) in z's dtype: r_0 = z, b_k = P_k(r_k), r_{k+1} = r_k - b_k."""
+        residual = z.float()
+        bands = []
+        for mask in self.masks[: self.num_bands - 1] if self.keep_residual else self.masks:
+            band = self.from_coefficients(self.to_coefficients(residual) * mask)
+            bands.append(band)
+            residual = residual - band
+        if self.keep_residual:
+            bands.append(residual)
+        return torch.stack(bands, dim=1).to(z.dtype)
+
+    def merge(self, bands: torch.Tensor) -> torch.Tensor:
+        """(B, K, C, h, w) -> (B, C, h, w): the sum of the bands, the exact inverse of ``split``."""
+        if bands.ndim != 5 or bands.shape[1] != self.num_bands:
+            raise ValueError(f"expected bands of shape (B, {self.num_bands}, C, h, w), got {tuple(bands.shape)}")
+        return bands.sum(dim=1)
+
+    def lowpass(self, z: torch.Tensor, num_coefficients: torch.Tensor | int) -> torch.Tensor:
+        """Keep the first ``num_coefficients`` coefficients of each channel; only transforms with an order have it."""
+        raise ValueError(
+            f"lowpass keeps the first coefficients in zig-zag order: the {self.name} transform has no such order, "
+            "use transform='dct'"
+        )
+
+
+class FFTBandTransform(BandTransform):
+    """Orthonormal rfft2 with radial masks: smooth raised-cosine low-passes (paper) or hard rings (released v1)."""
+
+    name = "fft"
+    mask_shapes = MASK_SHAPES
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        cutoffs: Sequence[float],
+        mask_shape: str = "smooth",
+        transition_width: float = 1.0,
+        keep_residual: bool = True,
+    ):
+        super().__init__(height, width, cutoffs, mask_shape, transition_width, keep_residual)
+        masks = fft_projector_masks(height, width, cutoffs, mask_shape, transition_width)
+        self.register_buffer("masks", masks, persistent=False)
+
+    @property
+    def coefficient_shape(self) -> tuple[int, int]:
+        return self.height, self.width // 2 + 1
+
+    def to_coefficients(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., h, w) -> (..., h, w//2+1) complex64, orthonormal scaling."""
+        return torch.fft.rfft2(_check_grid(z, (self.height, self.width), "a grid").float(), norm="ortho")
+
+    def from_coefficients(self, coefficients: torch.Tensor) -> torch.Tensor:
+        coefficients = _check_grid(coefficients, self.coefficient_shape, "rfft2 coefficients")
+        return torch.fft.irfft2(coefficients, s=(self.height, self.width), norm="ortho")
+
+
+class DCTBandTransform(BandTransform):
+    """Orthonormal 2-D DCT-II (the v2 code's matrices) with bands as ranges of JPEG zig-zag positions.
+
+    Its bands are disjoint binary masks covering every coefficient, so ``keep_residual`` changes nothing and the
+    only mask shape is the projector's default, "smooth" (the name; the masks are binary).
+    """
+
+    name = "dct"
+    mask_shapes = ("smooth",)
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        cutoffs: Sequence[float],
+        mask_shape: str = "smooth",
+        transition_width: float = 1.0,
+        keep_residual: bool = True,
+    ):
+        super().__init__(height, width, cutoffs, mask_shape, transition_width, keep_residual)
+        self.register_buffer("masks", dct_band_masks(height, width, cutoffs), persistent=False)
+        self.register_buffer("zigzag_rank", zigzag_rank(height, width), persistent=False)
+        self.register_buffer("dct_h", dct_matrix(height).float(), persistent=False)
+        self.register_buffer("dct_w", dct_matrix(width).float(), persistent=False)
+
+    def to_coefficients(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., h, w) -> (..., h, w) float32 coefficients D_h z D_w^T; [0, 0] is DC."""
+        return self.dct_h @ _check_grid(z, (self.height, self.width), "a grid").float() @ self.dct_w.T
+
+    def from_coefficients(self, coefficients: torch.Tensor) -> torch.Tensor:
+        coefficients = _check_grid(coefficients, self.coefficient_shape, "DCT coefficients")
+        return self.dct_h.T @ coefficients.float() @ self.dct_w
+
+    def split(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, K, C, h, w): the masks are disjoint, so the iterative split is one masked product."""
+        coefficients = self.to_coefficients(z).unsqueeze(1)
+        return self.from_coefficients(coefficients * self.masks[:, None]).to(z.dtype)
+
+    def lowpass(self, z: torch.Tensor, num_coefficients: torch.Tensor | int) -> torch.Tensor:
+        """Keep the first N zig-zag coefficients of every channel, zero the rest, and return the grid in z's dtype.
+
+        N is an int in [1, h*w], or a tensor of per-sample counts of shape (B,) for z (B, ...); a tensor is not
+        range-checked (that would wait for the device): counts < 1 keep nothing and counts > h*w keep everything.
+        """
+        if isinstance(num_coefficients, torch.Tensor):
+            count = num_coefficients.to(z.device).reshape(-1, *(1,) * (z.ndim - 1))
+        else:
+            count = _coefficient_count(num_coefficients, self.height * self.width)
+        keep = (self.zigzag_rank < count).float()
+        return self.from_coefficients(self.to_coefficients(z) * keep).to(z.dtype)
+
+
+def _coefficient_count(value, total: int) -> int:
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise TypeError(f"num_coefficients must be an int or a tensor of per-sample counts, got {value!r}") from None
+    if not 1 <= count <= total:
+        raise ValueError(f"num_coefficients must lie in [1, {total}] (the grid's h*w), got {value}")
+    return count
+
+
+BAND_TRANSFORMS: dict[str, type[BandTransform]] = {"fft": FFTBandTransform, "dct": DCTBandTransform}
 
 
 class BandProjector(nn.Module):
     """Splits a latent grid into K frequency bands (iterative residual split) and merges them back.
 
+    Validates the band layout and the latent's shape, and delegates to the ``BAND_TRANSFORMS[transform]`` class
+    (``self.band_transform``).
+
     Args:
         height, width: latent grid size the masks are built for.
         num_bands: K.
-        transform: "fft" (radial masks) or "dct" (zig-zag positions).
+        transform: a key of ``BAND_TRANSFORMS``: "fft" (radial masks) or "dct" (zig-zag positions).
         cutoffs: K-1 increasing fractions in (0, 1]; None = evenly spaced.
         mask_shape: "smooth" (paper) or "hard_ring" (released v1 code); fft only.
         transition_width: width in frequency bins of the smooth masks' cosine roll-off.
@@ -158,8 +350,8 @@ class BandProjector(nn.Module):
         keep_residual: bool = True,
     ):
         super().__init__()
-        if transform not in TRANSFORMS:
-            raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+        if transform not in BAND_TRANSFORMS:
+            raise ValueError(f"transform must be one of {tuple(BAND_TRANSFORMS)}, got {transform!r}")
         if num_bands < 1:
             raise ValueError(f"num_bands must be >= 1, got {num_bands}")
         cutoffs = list(default_cutoffs(num_bands) if cutoffs is None else cutoffs)
@@ -167,21 +359,20 @@ class BandProjector(nn.Module):
             raise ValueError(f"expected {num_bands - 1} cutoffs for {num_bands} bands, got {len(cutoffs)}")
         if any(not 0 < c <= 1 for c in cutoffs) or any(b <= a for a, b in zip(cutoffs, cutoffs[1:])):
             raise ValueError(f"cutoffs must increase strictly within (0, 1], got {cutoffs}")
-        if transform == "dct" and mask_shape != "smooth":
-            raise ValueError("mask_shape applies to the fft transform only")
         self.height, self.width, self.num_bands = height, width, num_bands
         self.transform, self.mask_shape, self.keep_residual = transform, mask_shape, keep_residual
-
-        if transform == "fft":
-            masks = fft_projector_masks(height, width, cutoffs, mask_shape, transition_width)
-            self.register_buffer("masks", masks, persistent=False)
-        else:
-            self.register_buffer("masks", dct_band_masks(height, width, cutoffs), persistent=False)
-            self.register_buffer("dct_h", dct_matrix(height).float(), persistent=False)
-            self.register_buffer("dct_w", dct_matrix(width).float(), persistent=False)
+        self.band_transform = BAND_TRANSFORMS[transform](
+            height, width, cutoffs, mask_shape=mask_shape, transition_width=transition_width,
+            keep_residual=keep_residual,
+        )
 
     def extra_repr(self) -> str:
         return f"{self.height}x{self.width}, num_bands={self.num_bands}, transform={self.transform}"
+
+    @property
+    def masks(self) -> torch.Tensor:
+        """The transform's projector masks on its coefficients."""
+        return self.band_transform.masks
 
     def _check(self, z: torch.Tensor) -> None:
         if z.ndim != 4 or z.shape[-2:] != (self.height, self.width):
@@ -189,48 +380,24 @@ class BandProjector(nn.Module):
                 f"expected a latent of shape (B, C, {self.height}, {self.width}), got {tuple(z.shape)}"
             )
 
-    # Transforms between the latent grid and the coefficient domain the masks live in.
     def to_coefficients(self, z: torch.Tensor) -> torch.Tensor:
-        if self.transform == "fft":
-            return torch.fft.rfft2(z, norm="ortho")
-        return self.dct_h @ z @ self.dct_w.T
+        """(..., h, w) grid -> the coefficients the masks live on (float32, complex64 for fft)."""
+        return self.band_transform.to_coefficients(z)
 
     def from_coefficients(self, coefficients: torch.Tensor) -> torch.Tensor:
-        if self.transform == "fft":
-            return torch.fft.irfft2(coefficients, s=(self.height, self.width), norm="ortho")
-        return self.dct_h.T @ coefficients @ self.dct_w
+        """The exact inverse of ``to_coefficients``."""
+        return self.band_transform.from_coefficients(coefficients)
 
     def split(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) -> (B, K, C, h, w), lowest band first."""
+        """(B, C, h, w) -> (B, K, C, h, w), lowest band first, in z's dtype (computed in float32)."""
         self._check(z)
-        residual = z.float()
-        if self.transform == "dct":
-            # The DCT masks are disjoint binary sets, so the iterative split is one masked product.
-            coefficients = self.to_coefficients(residual).unsqueeze(1)
-            bands = self.from_coefficients(coefficients * self.masks[:, None])
-            return bands.to(z.dtype)
-        bands = []
-        for mask in self.masks[: self.num_bands - 1] if self.keep_residual else self.masks:
-            band = self.from_coefficients(self.to_coefficients(residual) * mask)
-            bands.append(band)
-            residual = residual - band
-        if self.keep_residual:
-            bands.append(residual)
-        return torch.stack(bands, dim=1).to(z.dtype)
+        return self.band_transform.split(z)
 
     def merge(self, bands: torch.Tensor) -> torch.Tensor:
         """(B, K, C, h, w) -> (B, C, h, w): the sum of the bands, the exact inverse of ``split``."""
-        if bands.ndim != 5 or bands.shape[1] != self.num_bands:
-            raise ValueError(f"expected bands of shape (B, {self.num_bands}, C, h, w), got {tuple(bands.shape)}")
-        return bands.sum(dim=1)
+        return self.band_transform.merge(bands)
 
     def lowpass(self, z: torch.Tensor, num_coefficients: torch.Tensor | int) -> torch.Tensor:
-        """Keep the first k zig-zag DCT coefficients of each channel (the v2 low-pass); k per sample or scalar."""
-        if self.transform != "dct":
-            raise ValueError("lowpass keeps zig-zag DCT coefficients: it needs transform='dct'")
+        """Keep the first N zig-zag DCT coefficients of each channel (the v2 low-pass); N per sample or an int."""
         self._check(z)
-        rank = torch.empty(self.height * self.width, dtype=torch.long, device=z.device)
-        rank[zigzag_order(self.height, self.width).to(z.device)] = torch.arange(rank.numel(), device=z.device)
-        k = torch.as_tensor(num_coefficients, device=z.device).reshape(-1, 1, 1, 1)
-        keep = (rank.view(1, 1, self.height, self.width) < k).float()
-        return self.from_coefficients(self.to_coefficients(z.float()) * keep).to(z.dtype)
+        return self.band_transform.lowpass(z, num_coefficients)
