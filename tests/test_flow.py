@@ -16,6 +16,7 @@ from uae_gen.flow import (
     flow_matching_loss,
     guided_velocity_fn,
     interpolate,
+    rk4_step,
     sample_ode,
     sample_time,
     shift_time,
@@ -348,7 +349,9 @@ def test_cfg_scale_one_and_outside_interval_give_the_conditional_velocity():
     model.batch_sizes.clear()
     assert torch.equal(classifier_free_guidance(model, x, t, labels, 1.0, NULL), v_cond)
     assert torch.equal(classifier_free_guidance(model, x, t, labels, 3.0, NULL, interval=(0.6, 1.0)), v_cond)
-    assert model.batch_sizes == [3, 3]
+    # scale 1 skips the null batch (a host float); outside the interval is a mask on t, decided on the device
+    # (skipping that forward is the caller's choice: UAEDiTPipeline.prepare_velocity_fns)
+    assert model.batch_sizes == [3, 6]
     # a batch straddling the interval edge: guided where inside, conditional where outside
     t_mixed = torch.tensor([0.1, 0.5, 0.9])
     v = classifier_free_guidance(model, x, t_mixed, labels, 3.0, NULL, interval=(0.4, 0.95))
@@ -365,6 +368,32 @@ def test_autoguidance():
     v_guide = guide(x, t, labels)
     torch.testing.assert_close(autoguidance(model, guide, x, t, labels, 1.42), v_guide + 1.42 * (v - v_guide))
     assert torch.equal(autoguidance(model, guide, x, t, labels, 1.42, interval=(0.6, 1.0)), v)
+    guide.batch_sizes.clear()
+    assert torch.equal(autoguidance(model, guide, x, t, labels, 1.0), v)
+    assert guide.batch_sizes == []  # weight 1: the guide is not called
+    t_mixed = torch.tensor([0.1, 0.5, 0.9])
+    v, v_guide = model(x, t_mixed, labels), guide(x, t_mixed, labels)
+    mixed = autoguidance(model, guide, x, t_mixed, labels, 1.42, interval=(0.4, 0.95))
+    torch.testing.assert_close(mixed[0], v[0])
+    torch.testing.assert_close(mixed[1:], (v_guide + 1.42 * (v - v_guide))[1:])
+
+
+@pytest.mark.parametrize("guidance", ["cfg", "autoguidance"])
+def test_guidance_reads_no_tensor_on_the_host(monkeypatch, guidance):
+    """The interval is applied as a mask: no bool(tensor) / .item() (each a device sync on an accelerator)."""
+    model, guide = CountingModel(), CountingModel(offset=0.25)
+    x, labels, t_mixed = guidance_inputs()[0], guidance_inputs()[2], torch.tensor([0.1, 0.5, 0.9])
+    velocity = guided_velocity_fn(model, labels, 3.0, (0.4, 0.95), null_class_id=NULL,
+                                  guide_fn=guide if guidance == "autoguidance" else None)
+    expected = velocity(x, t_mixed)
+    reads = []
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+        probe = lambda self, *args, _n=name, _o=original: (reads.append(_n), _o(self, *args))[1]  # noqa: E731
+        monkeypatch.setattr(torch.Tensor, name, probe)
+    assert torch.equal(velocity(x, t_mixed), expected)
+    bool(t_mixed[0] > 0)  # the probe itself works
+    assert reads == ["__bool__"]
 
 
 def test_guided_velocity_fn_binds_labels_and_guidance():
@@ -481,3 +510,37 @@ def test_scheduler_steps_match_sample_ode():
     for t in heun.timesteps:
         x = heun.solver_step(velocity, t, x).prev_sample
     assert torch.equal(x, sample_ode(velocity, x_init, heun.time_grid, "heun"))
+
+
+def test_scheduler_counts_steps_after_set_begin_index(monkeypatch):
+    """set_begin_index (as diffusers pipelines call it) replaces the per-step timestep lookup, a host sync."""
+    model = CountingModel()
+    velocity = guided_velocity_fn(model, torch.tensor([0, 3]), guidance_scale=1.5, null_class_id=NULL)
+    x_init = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(31))
+    scheduler = FlowMatchBandScheduler(shift=3.0, solver="rk4")
+    scheduler.set_timesteps(5)
+    assert scheduler.begin_index is None and scheduler.step_index is None
+    expected = sample_ode(velocity, x_init, scheduler.time_grid, "rk4")
+
+    def no_lookup(timestep):
+        raise AssertionError("the timestep was looked up")
+
+    monkeypatch.setattr(scheduler, "index_for_timestep", no_lookup)
+    scheduler.set_begin_index(0)
+    x = x_init
+    for i, t in enumerate(scheduler.timesteps):
+        x = scheduler.solver_step(velocity, t, x).prev_sample
+        assert scheduler.step_index == i + 1
+    assert torch.equal(x, expected)
+    with pytest.raises(ValueError, match="past the 5 steps"):
+        scheduler.solver_step(velocity, scheduler.timesteps[0], x)
+
+    scheduler.set_begin_index(3)  # start part-way: the timestep argument is not read
+    x = scheduler.solver_step(velocity, 1.0, x_init).prev_sample
+    assert scheduler.step_index == 4
+    assert torch.equal(x, rk4_step(velocity, x_init, scheduler.time_grid[3], scheduler.time_grid[4]))
+
+    scheduler.set_timesteps(5)  # back to looking timesteps up
+    assert scheduler.begin_index is None and scheduler.step_index is None
+    with pytest.raises(AssertionError, match="looked up"):
+        scheduler.solver_step(velocity, scheduler.timesteps[0], x_init)

@@ -43,7 +43,6 @@ VelocityFn = Callable[[Tensor, Tensor], Tensor]  # (x, t of shape (B,)) -> v
 ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x, t of shape (B,), class_labels) -> v
 
 TIME_DISTRIBUTIONS = ("logit_normal", "uniform")
-SOLVERS = ("euler", "heun", "rk4")
 RAMPS = ("smooth", "linear")
 
 
@@ -265,6 +264,7 @@ def rk4_step(velocity_fn: VelocityFn, x: Tensor, t: Tensor, t_next: Tensor) -> T
 
 
 ODE_STEPS = {"euler": euler_step, "heun": heun_step, "rk4": rk4_step}
+SOLVERS = tuple(ODE_STEPS)  # the solver names, for argparse choices and error messages
 
 
 def sample_ode(velocity_fn: VelocityFn, x_init: Tensor, time_grid: Tensor, method: str = "euler") -> Tensor:
@@ -280,6 +280,11 @@ def sample_ode(velocity_fn: VelocityFn, x_init: Tensor, time_grid: Tensor, metho
 
 
 # ---- Guidance: model callables (x, t, labels) -> v in, velocity out ----
+#
+# Both guidance functions are pure tensor code: which samples are guided is a mask on t, so they never read a
+# device value on the host. Only ``guidance_scale == 1`` (a host float) skips the extra forward; a caller that
+# knows on the host that no time of a step lies in the interval (the pipeline, from its time grid) should call
+# the model alone for that step.
 
 
 def _guidance_scales(t: Tensor, scale: float, interval: Tuple[float, float], like: Tensor) -> Tensor:
@@ -300,11 +305,10 @@ def classifier_free_guidance(
 ) -> Tensor:
     """v = v_u + s (v_c - v_u) with one forward on the doubled batch [cond labels; null labels].
 
-    Outside ``interval`` (in shifted time) the conditional velocity is used; when no sample needs guidance only
-    the conditional batch is evaluated.
+    Samples whose (shifted) time lies outside ``interval`` get the conditional velocity (scale 1). At
+    ``guidance_scale == 1`` only the conditional batch is evaluated.
     """
-    lo, hi = interval
-    if guidance_scale == 1.0 or not ((t >= lo) & (t <= hi)).any():
+    if guidance_scale == 1.0:
         return model_fn(x, t, class_labels)
     null_labels = torch.full_like(class_labels, null_class_id)
     v_cond, v_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([class_labels, null_labels])).chunk(2)
@@ -321,10 +325,12 @@ def autoguidance(
     guidance_scale: float,
     interval: Tuple[float, float] = (0.0, 1.0),
 ) -> Tensor:
-    """AutoGuidance v = v_guide + w (v - v_guide); the guide is a weaker model called with the same labels."""
+    """AutoGuidance v = v_guide + w (v - v_guide); the guide is a weaker model called with the same labels.
+
+    Samples whose time lies outside ``interval`` get v (weight 1); at ``guidance_scale == 1`` the guide is not called.
+    """
     v = model_fn(x, t, class_labels)
-    lo, hi = interval
-    if guidance_scale == 1.0 or not ((t >= lo) & (t <= hi)).any():
+    if guidance_scale == 1.0:
         return v
     v_guide = guide_fn(x, t, class_labels)
     scale = _guidance_scales(t, guidance_scale, interval, v)
@@ -342,6 +348,7 @@ def guided_velocity_fn(
     """Bind labels and guidance into the (x, t) -> v callable the solvers take.
 
     ``guide_fn`` given: AutoGuidance with it. Otherwise CFG against ``null_class_id`` (needed when scale != 1).
+    ``class_labels`` are passed on as given: validating them is the caller's job (``UAEDiTPipeline.check_inputs``).
     """
     if guide_fn is None and guidance_scale != 1.0 and null_class_id is None:
         raise ValueError("classifier-free guidance needs null_class_id (= num_classes)")
@@ -384,6 +391,10 @@ class FlowMatchBandScheduler(SchedulerMixin, ConfigMixin):
     * ``solver_step(velocity_fn, timestep, sample)``: one step of the configured solver (euler / heun / rk4),
       calling ``velocity_fn(x, t)`` as often as it needs (build it with :func:`guided_velocity_fn`).
 
+    Each step looks ``timestep`` up on the grid, which reads it on the host (a device sync on an accelerator).
+    As in diffusers, ``set_begin_index(0)`` after ``set_timesteps`` makes the steps count from that index instead
+    (the ``timestep`` argument is then not read); ``set_timesteps`` switches back to the lookup.
+
     Args:
         num_train_timesteps: kept for diffusers compatibility; times here are continuous in [0, 1].
         shift: alpha of the time shift. None = ``dimension_shift(latent_dim, base_dim)``, or 1 if no latent_dim.
@@ -419,6 +430,8 @@ class FlowMatchBandScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps: Optional[int] = None
         self.time_grid: Optional[Tensor] = None
         self.timesteps: Optional[Tensor] = None
+        self._step_index: Optional[int] = None
+        self._begin_index: Optional[int] = None
 
     @property
     def time_shift(self) -> float:
@@ -430,6 +443,20 @@ class FlowMatchBandScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = num_inference_steps
         self.time_grid = self.band_schedule.time_grid(num_inference_steps + 1, self.config.final_time, device)
         self.timesteps = self.time_grid[:-1]
+        self._step_index, self._begin_index = None, None
+
+    @property
+    def step_index(self) -> Optional[int]:
+        """Index in ``timesteps`` of the next step while counting (see ``set_begin_index``), else None."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> Optional[int]:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        """Count steps from ``begin_index`` instead of looking each timestep up (no host sync per step)."""
+        self._begin_index, self._step_index = begin_index, None
 
     def index_for_timestep(self, timestep: Union[float, Tensor]) -> int:
         """Position of ``timestep`` (a float or a tensor of equal values) in ``timesteps``."""
@@ -445,7 +472,13 @@ class FlowMatchBandScheduler(SchedulerMixin, ConfigMixin):
         return index
 
     def _times(self, timestep) -> Tuple[Tensor, Tensor]:
-        index = self.index_for_timestep(timestep)
+        if self._begin_index is None:
+            index = self.index_for_timestep(timestep)
+        else:
+            index = self._begin_index if self._step_index is None else self._step_index
+            if self.timesteps is None or index >= len(self.timesteps):
+                raise ValueError(f"step {index} is past the {self.num_inference_steps} steps; call set_timesteps again")
+            self._step_index = index + 1
         return self.time_grid[index], self.time_grid[index + 1]
 
     def step(
