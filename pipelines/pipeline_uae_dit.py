@@ -13,11 +13,16 @@ the cumulative bands (band 0, bands 0..1, ...) of the final latent to show that 
 from __future__ import annotations
 
 import json
+import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -56,6 +61,7 @@ class UAEDiTPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "transformer->vae"
     _optional_components = ["guide_transformer"]
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(
         self,
@@ -87,20 +93,111 @@ class UAEDiTPipeline(DiffusionPipeline):
             raise ValueError(f"unknown class name(s) {unknown}; known names are in pipe.id2label")
         return [self.labels[n.strip().lower()] for n in names]
 
-    def _class_label_tensor(self, class_labels) -> torch.Tensor:
-        if isinstance(class_labels, (int, str)):
-            class_labels = [class_labels]
-        if isinstance(class_labels, torch.Tensor):
-            class_labels = class_labels.reshape(-1).tolist()
-        class_labels = list(class_labels)
-        if not class_labels:
+    @staticmethod
+    def _label_list(class_labels) -> list:
+        """One id or name, a sequence of them, or an integer tensor / array -> a flat list."""
+        if isinstance(class_labels, (torch.Tensor, np.ndarray, np.generic)):
+            return class_labels.reshape(-1).tolist()
+        if isinstance(class_labels, str) or not isinstance(class_labels, Iterable):
+            return [class_labels]
+        return list(class_labels)
+
+    # ---- the steps of __call__ ------------------------------------------------------------------------------
+    def check_inputs(
+        self,
+        class_labels,
+        guidance_scale,
+        guidance_interval,
+        guidance,
+        num_inference_steps,
+        latents,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+        return_band_previews,
+    ):
+        """Every argument of ``__call__`` is checked here, once; nothing later validates (or syncs to validate)."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if return_band_previews and output_type == "latent":
+            raise ValueError("band previews are decoded images: use an image output_type")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral) \
+                or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        if guidance not in GUIDANCE_MODES:
+            raise ValueError(f"guidance must be one of {GUIDANCE_MODES}, got {guidance!r}")
+        if guidance == "autoguidance" and self.guide_transformer is None:
+            raise ValueError("guidance='autoguidance' needs a guide_transformer in the pipeline")
+        if not _is_finite_number(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        interval = tuple(guidance_interval) if isinstance(guidance_interval, Iterable) else (guidance_interval,)
+        if len(interval) != 2 or not all(map(_is_finite_number, interval)) or interval[0] > interval[1]:
+            raise ValueError(f"guidance_interval must be (lo, hi), finite numbers with lo <= hi, "
+                             f"got {guidance_interval!r}")
+        if guidance_scale != 1.0 and guidance == "cfg" and self.transformer.config.class_dropout_prob <= 0:
+            raise ValueError("classifier-free guidance needs a transformer trained with class_dropout_prob > 0")
+        unknown_inputs = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown_inputs:
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be in {self._callback_tensor_inputs}, "
+                             f"got {unknown_inputs}")
+
+        labels, num_classes = self._label_list(class_labels), self.transformer.config.num_classes
+        if not labels:
             raise ValueError("class_labels is empty: give at least one class id or name")
-        ids = [self.get_label_ids(c)[0] if isinstance(c, str) else int(c) for c in class_labels]
-        num_classes = self.transformer.config.num_classes
-        bad = [i for i in ids if not 0 <= i < num_classes]
-        if bad:
-            raise ValueError(f"class label(s) {bad} out of range: this model has classes 0..{num_classes - 1}")
-        return torch.tensor(ids, device=self._execution_device, dtype=torch.long)
+        for position, label in enumerate(labels):
+            if isinstance(label, str):
+                self.get_label_ids(label)
+            elif isinstance(label, bool) or not isinstance(label, numbers.Integral):
+                raise ValueError(f"class_labels[{position}] = {label!r} is neither an integer class id nor a name")
+            elif not 0 <= label < num_classes:
+                raise ValueError(f"class label {label} out of range: this model has classes 0..{num_classes - 1}")
+        shape = self._latent_shape(len(labels))
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for {len(labels)} labels, got {tuple(latents.shape)}")
+
+    def prepare_class_labels(self, class_labels, device) -> torch.Tensor:
+        """Checked class ids or names -> (B,) long tensor on ``device``."""
+        ids = [self.labels[c.strip().lower()] if isinstance(c, str) else int(c) for c in self._label_list(class_labels)]
+        return torch.tensor(ids, device=device, dtype=torch.long)
+
+    def prepare_latents(self, batch_size, device, generator=None, latents=None) -> torch.Tensor:
+        """Initial noise (B, C, h, w) in float32: drawn from ``generator``, or the given ``latents`` moved over."""
+        if latents is None:
+            return randn_tensor(self._latent_shape(batch_size), generator=generator, device=device, dtype=torch.float32)
+        return latents.to(device=device, dtype=torch.float32)
+
+    def prepare_velocity_fns(self, class_labels, guidance_scale, guidance_interval, guidance) -> list[Callable]:
+        """One ``(x, t) -> v`` callable per step of the scheduler's grid (call after ``set_timesteps``).
+
+        A step whose times [t_next, t] all lie outside ``guidance_interval`` runs the transformer alone; the other
+        steps run guidance, applied (as a mask on t) at the evaluation times inside the interval. The grid is read
+        to the host once, here, so the loop never reads a device value to decide.
+        """
+        model = self._model_fn(self.transformer)
+        unguided = guided_velocity_fn(model, class_labels)
+        if guidance_scale == 1.0:
+            return [unguided] * self.scheduler.num_inference_steps
+        guide = self._model_fn(self.guide_transformer) if guidance == "autoguidance" else None
+        lo, hi = guidance_interval
+        guided = guided_velocity_fn(model, class_labels, guidance_scale, (lo, hi),
+                                    null_class_id=self.transformer.config.num_classes, guide_fn=guide)
+        grid = self.scheduler.time_grid
+        # The same float comparison as the guidance mask, so host and device agree on every time.
+        steps_guided = ((grid[:-1] >= lo) & (grid[1:] <= hi)).tolist()
+        return [guided if step_guided else unguided for step_guided in steps_guided]
+
+    def decode_latents(self, latents, output_type, return_band_previews):
+        """Final latent -> (images, band previews or None) of ``output_type``."""
+        images, previews = latents, None
+        if output_type != "latent":
+            images = self._to_output(self.vae.decode(latents.to(self.vae.dtype)).sample, output_type)
+        if return_band_previews:
+            # Bands of the raw (un-normalised) latent: band 0 alone is the semantic layout the decoder sees.
+            bands = self.vae.split_bands(self.vae.denormalize_latents(latents.to(self.vae.dtype)))
+            previews = [
+                self._to_output(self.vae.decode_raw(bands[:, : k + 1].sum(1))[0], output_type)
+                for k in range(bands.shape[1])
+            ]
+        return images, previews
 
     # ---- helpers --------------------------------------------------------------------------------------------
     def _model_fn(self, transformer: UAEDiT) -> Callable:
@@ -134,11 +231,14 @@ class UAEDiTPipeline(DiffusionPipeline):
         latents: Optional[torch.Tensor] = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Optional[Callable] = None,
+        callback_on_step_end: Optional[Union[Callable, PipelineCallback, MultiPipelineCallbacks]] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         return_band_previews: bool = False,
     ):
         r"""Generate images of the given classes.
+
+        Check -> prepare -> denoising loop -> decode. The loop reads nothing from the device: the scheduler
+        counts its steps and which steps are guided is decided before it (``prepare_velocity_fns``).
 
         Args:
             class_labels: class ids or names (``"golden retriever"``), one image each.
@@ -149,55 +249,40 @@ class UAEDiTPipeline(DiffusionPipeline):
             generator: torch generator(s) for the initial noise.
             latents: initial noise (B, C, h, w) instead of sampling it.
             output_type: "pil", "np" (NHWC in [0, 1]), "pt" (NCHW in [0, 1]) or "latent" (normalised latent).
-            callback_on_step_end: ``fn(pipe, step, t, callback_kwargs) -> dict``, may replace ``latents``.
+            return_dict: return a ``UAEDiTPipelineOutput`` rather than a tuple.
+            callback_on_step_end: ``fn(pipe, step_index, timestep, callback_kwargs) -> dict`` called after each
+                step (or a diffusers ``PipelineCallback``); a ``"latents"`` entry in the returned dict replaces
+                the latents the loop continues from.
+            callback_on_step_end_tensor_inputs: the tensors put in ``callback_kwargs``; ``_callback_tensor_inputs``
+                lists the allowed ones.
             return_band_previews: also decode cumulative bands of the final latent.
         Returns:
             ``UAEDiTPipelineOutput`` (an ``ImagePipelineOutput``), or a tuple when ``return_dict=False``.
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if guidance not in GUIDANCE_MODES:
-            raise ValueError(f"guidance must be one of {GUIDANCE_MODES}, got {guidance!r}")
-        if guidance == "autoguidance" and self.guide_transformer is None:
-            raise ValueError("guidance='autoguidance' needs a guide_transformer in the pipeline")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if return_band_previews and output_type == "latent":
-            raise ValueError("band previews are decoded images: use an image output_type")
-        labels = self._class_label_tensor(class_labels)
-        device, shape = self._execution_device, self._latent_shape(len(labels))
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape} for {len(labels)} labels, got {tuple(latents.shape)}")
-        latents = latents.to(device=device, dtype=torch.float32)
-
-        if guidance_scale != 1.0 and guidance == "cfg" and self.transformer.config.class_dropout_prob <= 0:
-            raise ValueError("classifier-free guidance needs a transformer trained with class_dropout_prob > 0")
-        guide = self._model_fn(self.guide_transformer) if guidance == "autoguidance" else None
-        velocity_fn = guided_velocity_fn(
-            self._model_fn(self.transformer), labels, guidance_scale, tuple(guidance_interval),
-            null_class_id=self.transformer.config.num_classes, guide_fn=guide,
-        )
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self.check_inputs(class_labels, guidance_scale, guidance_interval, guidance, num_inference_steps, latents,
+                          output_type, callback_on_step_end_tensor_inputs, return_band_previews)
+        device = self._execution_device
+        labels = self.prepare_class_labels(class_labels, device)
+        latents = self.prepare_latents(len(labels), device, generator, latents)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        for step, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            latents = self.scheduler.solver_step(velocity_fn, t, latents).prev_sample
-            if callback_on_step_end is not None:
-                local_vars = {"latents": latents}
-                outputs = callback_on_step_end(self, step, t, {k: local_vars[k] for k in callback_on_step_end_tensor_inputs})
-                latents = outputs.get("latents", latents)
+        velocity_fns = self.prepare_velocity_fns(labels, guidance_scale, guidance_interval, guidance)
 
-        images, previews = latents, None
-        if output_type != "latent":
-            images = self._to_output(self.vae.decode(latents.to(self.vae.dtype)).sample, output_type)
-        if return_band_previews:
-            # Bands of the raw (un-normalised) latent: band 0 alone is the semantic layout the decoder sees.
-            bands = self.vae.split_bands(self.vae.denormalize_latents(latents.to(self.vae.dtype)))
-            previews = [
-                self._to_output(self.vae.decode_raw(bands[:, : k + 1].sum(1))[0], output_type)
-                for k in range(bands.shape[1])
-            ]
+        self.scheduler.set_begin_index(0)  # count the steps: no per-step timestep lookup on the host
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            latents = self.scheduler.solver_step(velocity_fns[i], t, latents).prev_sample
+            if callback_on_step_end is not None:
+                step_tensors = {"latents": latents}
+                callback_kwargs = {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs}
+                latents = callback_on_step_end(self, i, t, callback_kwargs).pop("latents", latents)
+
+        images, previews = self.decode_latents(latents, output_type, return_band_previews)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images, previews) if return_band_previews else (images,)
         return UAEDiTPipelineOutput(images=images, band_previews=previews)
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

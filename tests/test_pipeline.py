@@ -110,20 +110,232 @@ def test_custom_id2label_travels_with_the_pipeline(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(class_labels=[1000]), "out of range"),
-        (dict(class_labels=[-1]), "out of range"),
-        (dict(class_labels=["no such class"]), "unknown class"),
+        (dict(class_labels=[1000]), "class label 1000 out of range"),
+        (dict(class_labels=[3, -1]), "class label -1 out of range"),
+        (dict(class_labels=[1.5]), r"class_labels\[0\] = 1.5 is neither an integer"),
+        (dict(class_labels=torch.tensor([2.0, 3.0])), r"class_labels\[0\] = 2.0 is neither an integer"),
+        (dict(class_labels=[1, True]), r"class_labels\[1\] = True"),
+        (dict(class_labels=["tench", "no such class"]), r"unknown class name\(s\) \['no such class'\]"),
         (dict(class_labels=[]), "empty"),
         (dict(class_labels=[1], latents=torch.zeros(1, 64, 4, 4)), "latents must have shape"),
         (dict(class_labels=[1, 2], latents=torch.zeros(1, 64, 8, 8)), "latents must have shape"),
-        (dict(class_labels=[1], num_inference_steps=0), "num_inference_steps"),
+        (dict(class_labels=[1], num_inference_steps=0), "num_inference_steps must be an integer >= 1, got 0"),
+        (dict(class_labels=[1], num_inference_steps=2.5), "num_inference_steps must be an integer >= 1, got 2.5"),
         (dict(class_labels=[1], output_type="jpeg"), "output_type"),
+        (dict(class_labels=[1], output_type="latent", return_band_previews=True), "band previews"),
         (dict(class_labels=[1], guidance="autoguidance"), "guide_transformer"),
+        (dict(class_labels=[1], guidance="pag"), "guidance must be one of"),
+        (dict(class_labels=[1], guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
+        (dict(class_labels=[1], guidance_scale=float("inf")), "guidance_scale must be a finite number, got inf"),
+        (dict(class_labels=[1], guidance_scale=4.0, guidance_interval=(0.0, float("nan"))),
+         r"guidance_interval .* got \(0.0, nan\)"),
+        (dict(class_labels=[1], guidance_interval=(0.8, 0.2)), r"lo <= hi, got \(0.8, 0.2\)"),
+        (dict(class_labels=[1], guidance_interval=(0.5,)), r"guidance_interval .* got \(0.5,\)"),
+        (dict(class_labels=[1], callback_on_step_end_tensor_inputs=["latents", "noise"]), r"\['noise'\]"),
     ],
 )
-def test_bad_input_raises(pipe, kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        pipe(**{"num_inference_steps": 2, **kwargs})
+def test_bad_input_raises_before_any_work(pipe, kwargs, message):
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=message):
+            pipe(**{"num_inference_steps": 2, **kwargs})
+    finally:
+        hook.remove()
+    assert calls == []  # checked up front (a NaN scale used to run the whole sampler and fail at decode)
+
+
+def test_cfg_needs_a_transformer_trained_with_label_dropout():
+    pipe = tiny_pipeline(num_classes=3)
+    pipe.transformer.register_to_config(class_dropout_prob=0.0)
+    with pytest.raises(ValueError, match="class_dropout_prob"):
+        pipe(class_labels=[1], guidance_scale=2.0, num_inference_steps=1)
+    assert pipe(class_labels=[1], num_inference_steps=1, output_type="latent").images.shape == (1, 64, 8, 8)
+
+
+def test_labels_as_tensor_array_and_names_agree(pipe):
+    kwargs = dict(num_inference_steps=2, output_type="latent")
+    ids = pipe(class_labels=[207, 3], **kwargs, generator=seeded()).images
+    for labels in (torch.tensor([207, 3]), np.array([207, 3]), ["golden retriever", np.int64(3)]):
+        assert torch.equal(pipe(class_labels=labels, **kwargs, generator=seeded()).images, ids)
+    one = pipe(class_labels=207, **kwargs, generator=seeded()).images
+    assert torch.equal(one, pipe(class_labels="Golden Retriever", **kwargs, generator=seeded()).images)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The denoising loop: callbacks, no host reads, guidance only on the steps that need it
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_callback_sees_every_step_and_can_replace_the_latents(pipe):
+    kwargs = dict(class_labels=[1, 2], num_inference_steps=4, output_type="latent")
+    seen, trajectory = [], {}
+
+    def record(p, step_index, timestep, callback_kwargs):
+        assert p is pipe and set(callback_kwargs) == {"latents"}
+        seen.append((step_index, float(timestep)))
+        trajectory[step_index] = callback_kwargs["latents"].clone()
+        return {}
+
+    other = pipe(**kwargs, generator=seeded(1), callback_on_step_end=record).images
+    assert seen == [(i, float(t)) for i, t in enumerate(pipe.scheduler.timesteps)]
+    assert torch.equal(trajectory[3], other)  # the callback runs after the step: the last one sees the result
+
+    def swap(p, step_index, timestep, callback_kwargs):  # continue from the other seed's latents after step 1
+        return {"latents": trajectory[1]} if step_index == 1 else {}
+
+    swapped = pipe(**kwargs, generator=seeded(0), callback_on_step_end=swap).images
+    assert torch.equal(swapped, other)
+    assert not torch.allclose(pipe(**kwargs, generator=seeded(0)).images, other)
+    def zero_last(p, step_index, timestep, callback_kwargs):
+        assert callback_kwargs == {}  # no tensor inputs asked for
+        return {"latents": torch.zeros(2, 64, 8, 8)} if step_index == 3 else {}
+
+    zeroed = pipe(**kwargs, generator=seeded(0), callback_on_step_end_tensor_inputs=[],
+                  callback_on_step_end=zero_last).images
+    assert torch.equal(zeroed, torch.zeros(2, 64, 8, 8))
+
+
+def test_diffusers_pipeline_callback_objects(pipe):
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+    class Zero(PipelineCallback):
+        tensor_inputs = ["latents"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            if step_index == self.config.cutoff_step_index:
+                callback_kwargs["latents"] = torch.zeros_like(callback_kwargs["latents"])
+            return callback_kwargs
+
+    kwargs = dict(class_labels=[1], num_inference_steps=2, output_type="latent", generator=seeded())
+    # tensor_inputs come from the callback object, not from callback_on_step_end_tensor_inputs
+    out = pipe(**kwargs, callback_on_step_end=MultiPipelineCallbacks([Zero(None, 1)]),
+               callback_on_step_end_tensor_inputs=["not checked"]).images
+    assert torch.equal(out, torch.zeros(1, 64, 8, 8))
+    assert not torch.equal(pipe(**kwargs, callback_on_step_end=Zero(None, 0)).images, out)
+
+
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.fixture
+def loop_host_reads(monkeypatch):
+    """Records every Tensor.item / bool(tensor) / ... (each a device-to-host sync) made inside the denoising loop.
+
+    The loop is the pipeline's ``progress_bar`` iteration; the recorder is armed from its first step to its end, so
+    label checks before it and the decode after it are not counted. Returns (install(pipe), reads, steps).
+    """
+    reads, steps, armed = [], [], [False]
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def recorded(self, *args, _name=name, _original=original, **kwargs):
+            if armed[0]:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, recorded)
+
+    def install(pipe):
+        progress_bar = pipe.progress_bar
+
+        def guarded(iterable=None, total=None):
+            def loop():
+                armed[0] = True
+                try:
+                    for item in progress_bar(iterable, total):
+                        steps.append(item)
+                        yield item
+                finally:
+                    armed[0] = False
+            return loop()
+
+        monkeypatch.setattr(pipe, "progress_bar", guarded)
+
+    return install, reads, steps
+
+
+@pytest.mark.parametrize(
+    "solver, guidance, interval",
+    [("euler", "cfg", (0.3, 0.9)), ("rk4", "cfg", (0.0, 1.0)), ("heun", "autoguidance", (0.5, 1.0))],
+)
+def test_denoising_loop_reads_nothing_back_from_the_device(loop_host_reads, solver, guidance, interval):
+    install, reads, steps = loop_host_reads
+    pipe = tiny_pipeline()
+    pipe.register_modules(scheduler=FlowMatchBandScheduler.from_config(pipe.scheduler.config, solver=solver))
+    if guidance == "autoguidance":
+        pipe.register_modules(guide_transformer=tiny_pipeline().transformer)
+    install(pipe)
+    callback_steps = []
+    out = pipe(class_labels=[1, "tench"], guidance_scale=3.0, guidance_interval=interval, guidance=guidance,
+               num_inference_steps=4, generator=seeded(), output_type="np", return_band_previews=True,
+               callback_on_step_end=lambda p, i, t, kw: callback_steps.append(i) or kw)
+    assert out.images.shape == (2, 32, 32, 3) and np.isfinite(out.images).all()
+    assert len(steps) == 4 and callback_steps == [0, 1, 2, 3]  # the recorder was armed over the whole loop
+    assert reads == []
+
+
+def test_the_host_read_recorder_catches_a_sync(loop_host_reads, pipe):
+    install, reads, steps = loop_host_reads
+    install(pipe)
+    pipe(class_labels=[1], num_inference_steps=2, output_type="latent",
+         callback_on_step_end=lambda p, i, t, kw: {} if kw["latents"].isfinite().all() else {})
+    assert reads == ["__bool__", "__bool__"] and len(steps) == 2
+    reads.clear()
+    pipe(class_labels=[1], num_inference_steps=2, output_type="pt")  # the decode after the loop is not counted
+    assert reads == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_denoising_loop_has_no_cuda_sync():
+    pipe = tiny_pipeline().to("cuda")
+    progress_bar = pipe.progress_bar
+
+    def sync_checked(iterable=None, total=None):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield from progress_bar(iterable, total)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    pipe.progress_bar = sync_checked
+    try:
+        for solver in ("euler", "rk4"):
+            pipe.register_modules(scheduler=FlowMatchBandScheduler.from_config(pipe.scheduler.config, solver=solver))
+            latents = pipe(class_labels=[1, 2], guidance_scale=3.0, guidance_interval=(0.3, 0.9), generator=seeded(),
+                           num_inference_steps=4, output_type="latent", callback_on_step_end=lambda *a: {}).images
+            assert latents.device.type == "cuda" and torch.isfinite(latents).all()
+        with pytest.raises(RuntimeError, match="synchroniz"):  # the mode is on inside the loop
+            pipe(class_labels=[1], num_inference_steps=1, output_type="latent",
+                 callback_on_step_end=lambda p, i, t, kw: {} if kw["latents"].isfinite().all() else {})
+    finally:  # the failed call above leaves its loop suspended, mode still on
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_guidance_runs_only_on_the_steps_whose_times_touch_the_interval(pipe):
+    batch_sizes = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    kwargs = dict(class_labels=[3, 4], num_inference_steps=6, output_type="latent")
+    try:
+        out = pipe(**kwargs, guidance_scale=3.0, guidance_interval=(0.35, 0.8), generator=seeded()).images
+    finally:
+        hook.remove()
+    grid = pipe.scheduler.time_grid.tolist()
+    expected = [4 if t >= 0.35 and t_next <= 0.8 else 2 for t, t_next in zip(grid[:-1], grid[1:])]
+    assert batch_sizes == expected and 2 in expected and 4 in expected
+
+    # the same sampler written out: Euler, CFG where the evaluation time lies in the interval
+    latents = pipe.prepare_latents(2, "cpu", seeded())
+    labels, null = torch.tensor([3, 4]), torch.full((2,), 1000)
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        time = torch.full((2,), t)
+        v = pipe.transformer(latents, time, labels).sample
+        if 0.35 <= t <= 0.8:
+            v_null = pipe.transformer(latents, time, null).sample
+            v = v_null + 3.0 * (v - v_null)
+        latents = latents + (t_next - t) * v
+    torch.testing.assert_close(out, latents, rtol=1e-4, atol=1e-5)
 
 
 def test_cli_generate_writes_a_grid(pipe, tmp_path):
