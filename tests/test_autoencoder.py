@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from uae_gen.models.autoencoder_uae import AutoencoderUAE
+from uae_gen.models.bands import BandProjector
 from uae_gen.models.encoders import SemanticEncoder, load_encoder_weights, make_teacher
 from uae_gen.models.modulator import FrequencyBandModulator
 
@@ -106,7 +107,7 @@ def test_teacher_is_a_frozen_copy():
 
 def test_noise_touches_high_bands_only(tiny):
     bands = tiny.split_bands(tiny.encode_raw(images()))
-    noised = tiny.modulator.add_band_noise(bands, tiny.split_bands, torch.Generator().manual_seed(0))
+    noised = tiny.modulator.add_band_noise(bands, generator=torch.Generator().manual_seed(0))
     assert torch.equal(noised[:, 0], bands[:, 0])
     assert (noised[:, 1:] - bands[:, 1:]).abs().amax(dim=(2, 3, 4)).min() > 0
     # The added noise of band k is band-limited: splitting it again puts most of it back in band k.
@@ -129,9 +130,25 @@ def test_train_mode_noise_and_eval_determinism(tiny):
 
 
 def test_spectral_transform_starts_as_the_band_sum():
-    modulator = FrequencyBandModulator(num_bands=4, channels=16, hidden_channels=32)
+    modulator = FrequencyBandModulator(BandProjector(8, 8, num_bands=4), channels=16, hidden_channels=32)
     bands = torch.randn(2, 4, 16, 8, 8)
     assert torch.equal(modulator(bands), bands.sum(1))
+
+
+def test_modulator_is_built_with_the_projector(tiny):
+    assert tiny.modulator.projector is tiny.band_projector and tiny.modulator.num_bands == 4
+    assert not any("projector" in key for key in tiny.state_dict())  # masks are recomputed, never saved
+    # Noise is split by the modulator's own projector: the same draw as splitting the same eps by hand.
+    bands = torch.zeros(2, 4, 64, 8, 8)
+    noised = tiny.modulator(bands, inject_noise=True, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    eps_bands = tiny.split_bands(torch.randn(2, 64, 8, 8, generator=g))
+    sigma = torch.rand(2, generator=g) * tiny.modulator.noise_sigma
+    expected = (sigma.view(2, 1, 1, 1, 1) * eps_bands)[:, 1:].sum(1)
+    assert torch.allclose(noised, expected, atol=1e-6) and expected.abs().max() > 0.1
+    # The removed callback form cannot be passed positionally by mistake (it would read as inject_noise).
+    with pytest.raises(TypeError):
+        tiny.modulator(bands, tiny.split_bands, True)
 
 
 def test_bad_inputs_raise(tiny):

@@ -129,7 +129,7 @@ class AutoencoderUAE(ModelMixin, AutoencoderMixin, ConfigMixin):
             h, w, num_bands, band_transform, band_cutoffs, band_mask_shape, band_transition_width, band_keep_residual
         )
         self.modulator = FrequencyBandModulator(
-            num_bands, channels, spectral_transform_channels, spectral_transform_zero_init, band_mix_layers,
+            self.band_projector, channels, spectral_transform_channels, spectral_transform_zero_init, band_mix_layers,
             band_noise_sigma, band_noise_prob, band_noise_from,
         )
         self.decoder = ViTDecoder(
@@ -240,7 +240,7 @@ class AutoencoderUAE(ModelMixin, AutoencoderMixin, ConfigMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Un-normalised latent -> (image in [-1, 1], bands)."""
         bands = self.split_bands(z)
-        q = self.modulator(bands, self.split_bands, inject_noise, generator)
+        q = self.modulator(bands, inject_noise=inject_noise, generator=generator)
         return self.decoder(q), bands
 
     @apply_forward_hook

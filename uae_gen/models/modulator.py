@@ -5,8 +5,9 @@ predicted by two 3x3 convolutions with SiLU over the channel-concatenated bands.
 zero, so at initialisation q == sum_k b_k == z exactly and the decoder first learns on the true latent.
 
 Noise (training only): for each sample, with probability ``noise_prob``, bands >= ``noise_from_band`` receive
-band-limited Gaussian noise sigma * split(eps)_k with sigma ~ U(0, noise_sigma). The noise is split by the same
-projector as the latent, so it really lives in the high bands and band 0 (the semantics) is never touched.
+band-limited Gaussian noise sigma * split(eps)_k with sigma ~ U(0, noise_sigma). The modulator is built with the
+``BandProjector`` that splits the latent and splits the noise with it, so the noise really lives in the high bands
+and band 0 (the semantics) is never touched.
 
 Released-v1 compatibility: ``mix_layers`` stacked K x K band-mixing matrices (identity init) before the fusion,
 and ``zero_init=False`` for the official default conv initialisation. RAE compatibility: ``hidden_channels=0``
@@ -15,10 +16,12 @@ builds no spectral transform, so q == sum_k b_k always (RAE has no modulator).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
+
+from .bands import BandProjector
 
 
 class BandMixing(nn.Module):
@@ -50,9 +53,15 @@ class SpectralTransform(nn.Module):
 
 
 class FrequencyBandModulator(nn.Module):
+    """Bands (B, K, C, h, w) -> decoder input q = Delta + sum_k b_k, with band-limited noise on the high bands.
+
+    ``projector`` is the latent's ``BandProjector`` (shared, it holds no weights): K comes from it and the noise is
+    split by it.
+    """
+
     def __init__(
         self,
-        num_bands: int,
+        projector: BandProjector,
         channels: int,
         hidden_channels: Optional[int] = None,
         zero_init: bool = True,
@@ -62,24 +71,23 @@ class FrequencyBandModulator(nn.Module):
         noise_from_band: int = 1,
     ):
         super().__init__()
+        num_bands = projector.num_bands
         if not 0 <= noise_from_band <= num_bands:
             raise ValueError(f"noise_from_band must lie in [0, {num_bands}], got {noise_from_band}")
         hidden_channels = max(2 * channels, 512) if hidden_channels is None else hidden_channels
-        self.num_bands = num_bands
+        self.projector, self.num_bands = projector, num_bands
         self.noise_sigma, self.noise_prob, self.noise_from_band = noise_sigma, noise_prob, noise_from_band
         self.mixing = nn.Sequential(*[BandMixing(num_bands) for _ in range(mix_layers)])
         self.spectral_transform = (
             SpectralTransform(num_bands, channels, hidden_channels, zero_init) if hidden_channels > 0 else None
         )
 
-    def add_band_noise(
-        self, bands: torch.Tensor, split_bands: Callable[[torch.Tensor], torch.Tensor], generator=None
-    ) -> torch.Tensor:
+    def add_band_noise(self, bands: torch.Tensor, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Band-limited noise on bands >= noise_from_band, per-sample sigma ~ U(0, noise_sigma), applied with
         probability noise_prob per sample."""
         b = bands.shape[0]
         eps = torch.randn(bands[:, 0].shape, generator=generator, device=bands.device, dtype=bands.dtype)
-        noise_bands = split_bands(eps)
+        noise_bands = self.projector.split(eps)
         sigma = torch.rand(b, generator=generator, device=bands.device, dtype=bands.dtype) * self.noise_sigma
         apply = torch.rand(b, generator=generator, device=bands.device) < self.noise_prob
         band_is_noised = torch.arange(self.num_bands, device=bands.device) >= self.noise_from_band
@@ -87,17 +95,11 @@ class FrequencyBandModulator(nn.Module):
         return bands + scale.view(b, 1, 1, 1, 1) * band_is_noised.view(1, -1, 1, 1, 1).to(bands.dtype) * noise_bands
 
     def forward(
-        self,
-        bands: torch.Tensor,
-        split_bands: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-        inject_noise: bool = False,
-        generator: Optional[torch.Generator] = None,
+        self, bands: torch.Tensor, *, inject_noise: bool = False, generator: Optional[torch.Generator] = None
     ) -> torch.Tensor:
         """(B, K, C, h, w) bands -> (B, C, h, w) decoder input q = Delta + sum_k b_k."""
         if inject_noise and self.noise_sigma > 0:
-            if split_bands is None:
-                raise ValueError("noise injection needs split_bands to band-limit the noise")
-            bands = self.add_band_noise(bands, split_bands, generator)
+            bands = self.add_band_noise(bands, generator=generator)
         bands = self.mixing(bands)
         if self.spectral_transform is None:
             return bands.sum(dim=1)
