@@ -1,10 +1,13 @@
-"""AutoencoderUAE: shapes, reload in a new process, encoder weight loading, modulator behaviour, bad input."""
+"""AutoencoderUAE: shapes, reload in a new process, encoder weight loading, modulator behaviour, bad input, no host
+sync on the per-step path."""
 
+import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from diffusers import configuration_utils
 from safetensors.torch import save_file
 
 from uae_gen.models.autoencoder_uae import AutoencoderUAE
@@ -13,6 +16,9 @@ from uae_gen.models.encoders import SemanticEncoder, load_encoder_weights, make_
 from uae_gen.models.modulator import FrequencyBandModulator
 
 TINY_ENCODER = dict(depth=2, embed_dim=64, num_heads=2, patch_size=4)
+# The v2 layout on the tiny model: DCT bands, token noise and a random zig-zag low-pass while training.
+TINY_DCT = dict(num_bands=2, band_transform="dct", band_cutoffs=[0.25], band_noise_sigma=0.0, latent_noise_tau=0.8,
+                dct_lowpass_train_range=[4, 64], dct_lowpass_train_prob=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +162,6 @@ def test_bad_inputs_raise(tiny):
         tiny.encode(torch.zeros(1, 1, 32, 32))
     with pytest.raises(ValueError, match="32x32"):
         tiny.encode(torch.zeros(1, 3, 48, 48))
-    nan_images = images()
-    nan_images[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        tiny.encode(nan_images)
     with pytest.raises(ValueError, match="latents of shape"):
         tiny.decode(torch.zeros(1, 32, 8, 8))
     with pytest.raises(ValueError, match="preset"):
@@ -175,3 +177,82 @@ def test_slicing_matches_batched(tiny):
         assert torch.allclose(tiny.encode(images(4)).latent, z, atol=1e-5)
     finally:
         tiny.disable_slicing()
+
+
+def test_dct_lowpass_train_range_is_checked_when_built():
+    for bad in ([0, 64], [4, 65], [40, 20]):
+        with pytest.raises(ValueError, match="dct_lowpass_train_range"):
+            AutoencoderUAE.from_preset("tiny", **{**TINY_DCT, "dct_lowpass_train_range": bad})
+
+
+def test_finite_check_is_opt_in():
+    torch.manual_seed(0)
+    checked = AutoencoderUAE.from_preset("tiny", check_finite=True).eval()
+    torch.manual_seed(0)
+    unchecked = AutoencoderUAE.from_preset("tiny").eval()
+    assert unchecked.config.check_finite is False
+    nan_images, inf_images = images(), images()
+    nan_images[0, 0, 0, 0] = float("nan")
+    inf_images[1, 2, 3, 4] = float("inf")
+    for bad in (nan_images, inf_images):
+        with pytest.raises(ValueError, match="images contain NaN or infinite values"):
+            checked.encode(bad)
+    latent = checked.encode(images()).latent
+    latent[1, 5, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="latents contain NaN"):
+        checked.decode(latent)
+    # Unchecked, bad values go through: no error, only the bad sample comes out non-finite.
+    with torch.no_grad():
+        out = unchecked.encode(nan_images).latent
+        assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
+        decoded = unchecked.decode(latent).sample
+        assert torch.isnan(decoded[1]).all()
+        assert torch.allclose(decoded[0], checked.decode(latent[:1]).sample[0], atol=1e-5)
+
+
+def _forbid_host_sync(monkeypatch):
+    def host_sync(self, *args, **kwargs):
+        raise RuntimeError("host sync: a tensor was read on the host")
+
+    for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, host_sync)
+
+
+@pytest.mark.parametrize("overrides", [{}, TINY_DCT], ids=["fft", "dct"])
+def test_no_host_sync_with_checks_off(monkeypatch, overrides):
+    torch.manual_seed(0)
+    model = AutoencoderUAE.from_preset("tiny", **overrides).eval()
+    x = images()
+    with torch.no_grad(), monkeypatch.context() as patch:
+        _forbid_host_sync(patch)
+        latent = model.encode(x).latent
+        sample = model.decode(latent).sample
+        model.train()
+        try:
+            train_out = model(x, generator=torch.Generator().manual_seed(0))  # noise and random low-pass
+        finally:
+            model.eval()
+    assert latent.shape == (2, 64, 8, 8) and sample.shape == train_out.sample.shape == (2, 3, 32, 32)
+    assert torch.isfinite(sample).all() and not torch.equal(train_out.sample, sample)
+    # The same patch does catch the check when it is on: the test would see a sync.
+    model.register_to_config(check_finite=True)
+    with monkeypatch.context() as patch:
+        _forbid_host_sync(patch)
+        with pytest.raises(RuntimeError, match="host sync"):
+            model.encode(x)
+
+
+def test_configs_saved_with_check_inputs_load_silently(tiny, tmp_path, monkeypatch):
+    tiny.save_pretrained(tmp_path / "uae")
+    config_path = tmp_path / "uae" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["check_finite"] is False
+    config.pop("check_finite")
+    config["check_inputs"] = True  # what every checkpoint saved before check_finite carries
+    config_path.write_text(json.dumps(config))
+    warnings = []
+    monkeypatch.setattr(configuration_utils.logger, "warning", lambda msg, *a, **k: warnings.append(msg))
+    loaded = AutoencoderUAE.from_pretrained(tmp_path / "uae")
+    assert warnings == []
+    assert loaded.config.check_finite is False and "check_inputs" not in loaded.config
+    assert torch.equal(loaded.encode(images()).latent, tiny.encode(images()).latent)

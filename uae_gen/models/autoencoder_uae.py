@@ -13,6 +13,8 @@ Conventions (diffusers' ``AutoencoderRAE`` is the template):
   official stats are (``latents_std`` is sqrt(var + 1e-5)). Set them with ``set_latent_statistics``.
 * ``split_bands`` / ``merge_bands`` act on whatever latent they are given (they are linear); ``forward`` uses
   the raw latent.
+* ``encode`` / ``decode`` check shapes always, but check values (NaN / inf) only with ``check_finite=True``: that
+  check reads a tensor reduction on the host, which waits for the device on every call.
 
 Released variants are config options of the same class: v1 (``band_mask_shape="hard_ring"``,
 ``band_keep_residual=False``, ``band_mix_layers=2``, ``spectral_transform_zero_init=False``), v2
@@ -81,6 +83,9 @@ class AutoencoderUAE(ModelMixin, AutoencoderMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
+    # Keys of older saved configs that load silently and are dropped: ``check_inputs`` (on by default) gated the
+    # NaN checks that ``check_finite`` (off by default) now gates.
+    _removed_config_keys = ("check_inputs",)
 
     @register_to_config
     def __init__(
@@ -113,7 +118,7 @@ class AutoencoderUAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         decoder_predicts_imagenet_normalized: bool = True,
         latents_stats: str = "none",
         scaling_factor: float = 1.0,
-        check_inputs: bool = True,
+        check_finite: bool = False,
     ):
         super().__init__()
         if latents_stats not in LATENT_STATS:
@@ -125,6 +130,10 @@ class AutoencoderUAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         if image_size % h or image_size % w or image_size // h != image_size // w:
             raise ValueError(f"image_size {image_size} must be a common multiple of the latent grid {h}x{w}")
         self.latent_channels, self.latent_size = channels, (h, w)
+        if dct_lowpass_train_range and not 1 <= dct_lowpass_train_range[0] <= dct_lowpass_train_range[1] <= h * w:
+            # Checked here because the per-sample counts drawn from it are not checked on the device.
+            raise ValueError(f"dct_lowpass_train_range must satisfy 1 <= lo <= hi <= {h * w}, "
+                             f"got {list(dct_lowpass_train_range)}")
         self.band_projector = BandProjector(
             h, w, num_bands, band_transform, band_cutoffs, band_mask_shape, band_transition_width, band_keep_residual
         )
@@ -140,6 +149,12 @@ class AutoencoderUAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         self.register_buffer("latents_mean", torch.zeros(stats_shape[latents_stats]))
         self.register_buffer("latents_std", torch.ones(stats_shape[latents_stats]))
         self.use_slicing = False
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' config -> __init__ kwargs, after dropping ``_removed_config_keys`` of older checkpoints."""
+        config_dict = {k: v for k, v in config_dict.items() if k not in cls._removed_config_keys}
+        return super().extract_init_dict(config_dict, **kwargs)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "AutoencoderUAE":
@@ -158,15 +173,15 @@ class AutoencoderUAE(ModelMixin, AutoencoderMixin, ConfigMixin):
                 f"expected {size}x{size} images (image_size of this autoencoder), got "
                 f"{images.shape[-2]}x{images.shape[-1]}"
             )
-        if self.config.check_inputs and torch.isnan(images).any():
-            raise ValueError("images contain NaN values")
+        if self.config.check_finite and not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or infinite values")
 
     def _check_latents(self, z: torch.Tensor) -> None:
         expected = (self.latent_channels, *self.latent_size)
         if z.ndim != 4 or tuple(z.shape[1:]) != expected:
             raise ValueError(f"expected latents of shape (B, {', '.join(map(str, expected))}), got {tuple(z.shape)}")
-        if self.config.check_inputs and torch.isnan(z).any():
-            raise ValueError("latents contain NaN values")
+        if self.config.check_finite and not torch.isfinite(z).all():
+            raise ValueError("latents contain NaN or infinite values")
 
     # ---- bands and normalisation ----------------------------------------------------------------------------
     def split_bands(self, z: torch.Tensor) -> torch.Tensor:
