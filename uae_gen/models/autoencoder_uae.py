@@ -130,10 +130,10 @@ class AutoencoderUAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         if image_size % h or image_size % w or image_size // h != image_size // w:
             raise ValueError(f"image_size {image_size} must be a common multiple of the latent grid {h}x{w}")
         self.latent_channels, self.latent_size = channels, (h, w)
-        if dct_lowpass_train_range and not 1 <= dct_lowpass_train_range[0] <= dct_lowpass_train_range[1] <= h * w:
-            # Checked here because the per-sample counts drawn from it are not checked on the device.
-            raise ValueError(f"dct_lowpass_train_range must satisfy 1 <= lo <= hi <= {h * w}, "
-                             f"got {list(dct_lowpass_train_range)}")
+        if dct_lowpass_train_range and not 1 <= dct_lowpass_train_range[0] <= dct_lowpass_train_range[1]:
+            # Checked here because the per-sample counts drawn from it are not checked on the device (a count
+            # above h*w keeps every coefficient, as the released range [32, 256] does on a smaller grid).
+            raise ValueError(f"dct_lowpass_train_range must satisfy 1 <= lo <= hi, got {list(dct_lowpass_train_range)}")
         self.band_projector = BandProjector(
             h, w, num_bands, band_transform, band_cutoffs, band_mask_shape, band_transition_width, band_keep_residual
         )
