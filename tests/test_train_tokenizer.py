@@ -63,7 +63,8 @@ def encoder_file(workdir):
 
 def accelerate_launch(script_argv, mixed_precision="no"):
     command = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision",
-               mixed_precision, "--dynamo_backend", "no", "-m", "uae_gen.scripts.train_tokenizer", *map(str, script_argv)]
+               mixed_precision, "--dynamo_backend", "no", "-m", "uae_gen.scripts.train_tokenizer",
+               *map(str, script_argv)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -203,7 +204,8 @@ def test_resume_in_a_new_process_is_exact(workdir, encoder_file):
     uninterrupted, resumed = workdir / "uninterrupted", workdir / "resumed"
     run_in_process(argv(uninterrupted, 6))
     run_in_process(argv(resumed, 3))
-    command = [sys.executable, "-m", "uae_gen.scripts.train_tokenizer", *map(str, argv(resumed, 6)), "--resume_from_checkpoint", "latest"]
+    command = [sys.executable, "-m", "uae_gen.scripts.train_tokenizer", *map(str, argv(resumed, 6)),
+               "--resume_from_checkpoint", "latest"]
     result = subprocess.run(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -257,7 +259,7 @@ def test_presets_and_overrides():
     assert (s1.train_batch_size, s1.learning_rate, s1.ema_decay, s1.lpips_weight) == (64, 2e-4, 0.9999, 0.0)
     assert (s2.train_batch_size, s2.semantic_weight, s2.lpips_weight, s2.encoder_lr_ratio) == (32, 0.1, 1.0, 1.0)
     assert (s3.learning_rate, s3.adam_beta1, s3.adam_beta2, s3.ema_decay) == (5e-5, 0.5, 0.9, 0.999)
-    assert s3.learning_rate * s3.lr_final_ratio == pytest.approx(1e-5)
+    assert s3.lr_end == pytest.approx(1e-5)
     assert (s3.gan_weight, s3.discriminator_learning_rate, s3.diffaugment_cutout) == (0.75, 1e-4, 0.2)
     assert s3.band_noise is True and s3.lr_scheduler == "cosine"
     assert s1.pretrained_encoder == s3.pretrained_encoder == "timm/vit_base_patch14_reg4_dinov2.lvd142m"
@@ -285,3 +287,19 @@ def test_bad_flags_raise_clear_errors(tmp_path):
     preset.write_text(json.dumps({"stages": {"1": {"lr_scheduler": "cosin"}}}))
     with pytest.raises(ValueError, match="cosin"):
         parse(["--stage", "1", *base, "--config", str(preset)])
+    preset.write_text(json.dumps({"stages": {"1": {"stage": 2}}}))
+    with pytest.raises(ValueError, match="forbidden keys \\['stage'\\]"):
+        parse(["--stage", "1", *base, "--config", str(preset)])
+    with pytest.raises(ValueError, match="logging_steps"):
+        parse(["--stage", "1", *base, "--logging_steps", "0"])
+    with pytest.raises(ValueError, match="lr_end"):
+        parse(["--stage", "1", *base, "--lr_end", "1.0"])
+
+
+def test_deprecated_lr_final_ratio_becomes_lr_end():
+    """--lr_final_ratio (the old spelling, a fraction of the peak LR) still works, as a flag or a preset key."""
+    base = ["--stage", "1", "--dataset", "demo-digits", "--random_encoder", "--learning_rate", "1e-3"]
+    with pytest.warns(FutureWarning, match="--lr_end"):
+        args = train_tokenizer.parse_args([*base, "--lr_final_ratio", "0.1"])
+    assert args.lr_end == pytest.approx(1e-4) and args.lr_final_ratio is None
+    assert train_tokenizer.parse_args([*base, "--lr_end", "1e-4"]).lr_end == 1e-4

@@ -1,5 +1,8 @@
-"""uae_gen.training: EMA, LR schedules, crash-safe checkpoints with accelerate, resume data order, image grids."""
+"""uae_gen.training: EMA, LR schedules, crash-safe checkpoints with accelerate, resume data order, image grids,
+presets merged into argparse, loss logging."""
 
+import argparse
+import json
 import math
 import os
 
@@ -15,11 +18,17 @@ from torch.utils.data import DataLoader, TensorDataset
 from uae_gen.training import (
     EMA,
     EpochShuffleSampler,
+    LossLogger,
+    add_training_arguments,
     checkpoint_step,
     find_latest_checkpoint,
     get_lr_scheduler,
+    loss_summary,
+    parse_args_with_preset,
+    read_preset,
     resolve_resume_path,
     resume_position,
+    resumed_batches,
     retain_freed_memory,
     save_checkpoint,
     save_image_grid,
@@ -249,38 +258,89 @@ def test_resume_position_numbers():
         resume_position(3, 0)
 
 
-def _batches(accelerator, stop_at_step=None, resume_step=0, num_epochs=3):
-    """Run a mock loop and return the sample ids of every batch it consumed."""
+def _batches(stop_at_step=None, resume_step=0, max_train_steps=12):
+    """Run a mock loop (26 samples in batches of 4, accumulation 2: 7 batches and 4 optimiser steps per epoch, the
+    last step with one batch) and return the sample ids of every batch it consumed."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     dataset = TensorDataset(torch.arange(26))
     loader = DataLoader(dataset, batch_size=4, sampler=EpochShuffleSampler(dataset, seed=7))
     model = nn.Linear(1, 1)
     model, loader = accelerator.prepare(model, loader)
-    first_epoch, skip = resume_position(resume_step, len(loader), accelerator.gradient_accumulation_steps)
     global_step, seen = resume_step, []
-    for epoch in range(first_epoch, num_epochs):
-        loader.set_epoch(epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if epoch == first_epoch else loader
-        for (ids,) in epoch_loader:
-            with accelerator.accumulate(model):
-                seen.append(ids.tolist())
-            if accelerator.sync_gradients:
-                global_step += 1
-                if global_step == stop_at_step:
-                    return seen
+    for _, _, (ids,) in resumed_batches(accelerator, loader, resume_step, max_train_steps):
+        with accelerator.accumulate(model):
+            seen.append(ids.tolist())
+        if accelerator.sync_gradients:
+            global_step += 1
+            if global_step == stop_at_step:
+                return seen
+    assert global_step == max_train_steps
     return seen
 
 
 def test_resumed_run_sees_the_same_batches_as_an_uninterrupted_one():
-    uninterrupted = _batches(Accelerator(cpu=True, gradient_accumulation_steps=2))
+    uninterrupted = _batches()
     assert len(uninterrupted) == 3 * 7
     epochs = [sorted(sum(uninterrupted[i * 7 : (i + 1) * 7], [])) for i in range(3)]
     assert all(ids == list(range(26)) for ids in epochs)  # each epoch is a permutation ...
     assert uninterrupted[0] != uninterrupted[7]  # ... and a different one per epoch
 
     for stop_at in (3, 4, 5, 9):  # mid-epoch, epoch boundary, mid-epoch after a boundary
-        before = _batches(Accelerator(cpu=True, gradient_accumulation_steps=2), stop_at_step=stop_at)
-        after = _batches(Accelerator(cpu=True, gradient_accumulation_steps=2), resume_step=stop_at)
-        assert before + after == uninterrupted, stop_at
+        assert _batches(stop_at_step=stop_at) + _batches(resume_step=stop_at) == uninterrupted, stop_at
+    assert _batches(max_train_steps=10) == uninterrupted[:18]  # the run ends mid-epoch: no batch past step 10
+    assert _batches(resume_step=12) == []  # resumed at the end: nothing left
+
+
+# ------------------------------------------------------------------------------------------ presets, logging
+
+
+def test_preset_keys_become_defaults_and_the_command_line_wins(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_training_arguments(parser)
+    preset = tmp_path / "run.json"
+    preset.write_text(json.dumps({"_comment": "dropped", "learning_rate": 1e-3, "lr_scheduler": "cosine",
+                                  "use_ema": True}))
+
+    def parse(*argv):
+        return parse_args_with_preset(parser, ["--config", str(preset), *argv], lambda a: read_preset(a.config, "x_"))
+
+    args = parse("--learning_rate", "5e-4")
+    assert (args.learning_rate, args.lr_scheduler, args.use_ema) == (5e-4, "cosine", True)
+    assert parse("--no-use_ema").use_ema is False
+    preset.write_text(json.dumps({"learning_rat": 1.0, "config": "x"}))
+    with pytest.raises(ValueError, match="unknown or forbidden keys \\['config', 'learning_rat'\\]"):
+        parse()
+    preset.write_text(json.dumps({"lr_scheduler": "exponential"}))
+    with pytest.raises(ValueError, match="--lr_scheduler: invalid choice: 'exponential'"):
+        parse()
+    assert read_preset("train/configs/dit_tiny.json", "dit_") == read_preset("tiny", "dit_")  # the old path
+
+
+def test_loss_logger_averages_between_logging_steps_and_summary():
+    class Bar:
+        def __init__(self):
+            self.n, self.postfix = 0, None
+
+        def update(self, n):
+            self.n += n
+
+        def set_postfix(self, **values):
+            self.postfix = values
+
+    bar = Bar()
+    log = LossLogger(Accelerator(cpu=True), bar, logging_steps=2, max_train_steps=3)
+    log.add({"loss": torch.tensor(1.0), "d": torch.tensor(4.0)})
+    assert log.step(1, lr=0.1) is None and bar.n == 1  # not a logging step: nothing read
+    log.add({"loss": torch.tensor(3.0)})
+    assert log.step(2, lr=0.1) == {"d": 4.0, "loss": 2.0, "lr": 0.1} and bar.postfix["loss"] == "2"
+    log.add({"loss": torch.tensor(5.0)})
+    assert log.step(3, lr=0.05) == {"loss": 5.0, "lr": 0.05}  # the last step always logs
+    assert [step for step, _ in log.history] == [2, 3] and log.last_logs["lr"] == 0.05
+
+    points = [(10 * (i + 1), 10.0 - i) for i in range(10)]
+    summary = loss_summary(points, max_points=5)
+    assert (summary["first"], summary["last"], summary["min"], summary["window"]) == (10.0, 1.0, 1.0, 1)
+    assert summary["curve"] == [[20, 9.5], [40, 7.5], [60, 5.5], [80, 3.5], [100, 1.5]]
 
 
 # ----------------------------------------------------------------------------------------------- image grid

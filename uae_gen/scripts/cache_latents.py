@@ -1,7 +1,9 @@
 """Encode a data set once with a frozen AutoencoderUAE into a latent cache for train_dit.py.
 
-    accelerate launch train/cache_latents.py --vae path/to/uae --train_data_dir imagenet/train \
+    accelerate launch -m uae_gen.scripts.cache_latents --vae path/to/uae --train_data_dir imagenet/train \
         --output_dir latents/imagenet256
+
+(`accelerate launch train/cache_latents.py ...` in a checkout runs this module too.)
 
 Each rank encodes a contiguous share of the data set (eval mode: no noise; the autoencoder's low-pass, if
 any, applied) together with the mirrored images, and writes safetensors parts. The ranks' latent statistics

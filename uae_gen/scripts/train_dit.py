@@ -1,35 +1,32 @@
 """Train the class-conditional UAEDiT generator with flow matching on UAE latents, with HF Accelerate.
 
-    accelerate launch train/train_dit.py --config dit_imagenet256 --latent_cache latents/imagenet256 \
+    accelerate launch -m uae_gen.scripts.train_dit --config dit_imagenet256 --latent_cache latents/imagenet256 \
         --output_dir runs/dit-dh-xl
 
-Data: a latent cache (train/cache_latents.py; its autoencoder, holding the latent statistics, is the default
---vae) or images encoded on the fly by the frozen autoencoder in eval mode (--train_data_dir, --dataset
-demo-digits). --config loads a preset from uae_gen/configs ("_"-keys are comments); command-line flags win.
+(`accelerate launch train/train_dit.py ...` in a checkout runs this module too.) Data: a latent cache
+(uae_gen.scripts.cache_latents; its autoencoder, holding the latent statistics, is the default --vae) or images
+encoded on the fly by the frozen autoencoder in eval mode (--train_data_dir, --dataset demo-digits). --config
+loads a preset from uae_gen/configs ("_"-keys are comments); command-line flags win.
 Loss (method.md 3.3): flow matching on `scheduler.band_schedule`, the schedule the saved pipeline samples with.
 
-Exact resume: EpochShuffleSampler + `resume_position` restore the data position, and every random draw of a
-micro-batch (time, noise, label dropout inside the model, flips) comes from the global RNG re-seeded from
-(seed, epoch, batch, rank) inside `torch.random.fork_rng`. Checkpoints (atomic, `save_checkpoint`) hold the
-optimiser and scheduler plus `transformer/` and `transformer_ema/` as from_pretrained folders (the EMA travels
-there, not as a second pickle via `register_for_checkpointing`, as in train_tokenizer.py). At the end:
-`output_dir/pipeline` (UAEDiTPipeline: vae + EMA transformer + scheduler + id2label) and training_summary.json.
+Exact resume: `resumed_batches` restores the data position, and every random draw of a micro-batch (time, noise,
+label dropout inside the model, flips) comes from the global RNG re-seeded from (seed, epoch, batch, rank) inside
+`torch.random.fork_rng`. Checkpoints (atomic, `save_checkpoint`) hold the optimiser and scheduler plus
+`transformer/` and `transformer_ema/` as from_pretrained folders. The loss is averaged on the device and read
+every --logging_steps. At the end: `output_dir/pipeline` (UAEDiTPipeline: vae + EMA transformer + scheduler +
+id2label) and training_summary.json.
 """
 
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
 
-import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
-from torch.utils.data import DataLoader
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from uae_gen.pipelines.pipeline_uae_dit import UAEDiTPipeline, imagenet_id2label
 
@@ -37,23 +34,12 @@ from uae_gen.data import ImageFolderDataset, LatentCacheDataset, load_demo_digit
 from uae_gen.flow import SOLVERS, TIME_DISTRIBUTIONS, FlowMatchBandScheduler, flow_matching_loss
 from uae_gen.models.autoencoder_uae import AutoencoderUAE
 from uae_gen.models.dit import DIT_PRESETS, UAEDiT
-from uae_gen.training import (
-    EMA,
-    LR_SCHEDULES,
-    EpochShuffleSampler,
-    batch_seed,
-    read_preset,
-    checkpoint_step,
-    get_lr_scheduler,
-    resolve_resume_path,
-    resume_position,
-    retain_freed_memory,
-    save_checkpoint,
-    write_json,
-    save_image_grid,
-)
+from uae_gen.training import EMA, LossLogger, backward_and_step, batch_seed, loss_summary, resumed_batches
+from uae_gen.training import add_training_arguments, check_training_arguments, parse_args_with_preset, read_preset
+from uae_gen.training import make_accelerator, make_adamw, make_lr_scheduler, make_train_dataloader
+from uae_gen.training import register_pretrained_hooks, resume_from_checkpoint, save_checkpoint
+from uae_gen.training import save_image_grid, write_json
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DATA_SOURCES = ("latent_cache", "train_data_dir", "dataset")
 logger = get_logger(__name__)
 
@@ -70,18 +56,15 @@ def time_shift_value(value: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_training_arguments(p)  # preset, optimiser, LR schedule, EMA, precision, checkpoints, logging
     add, flag = p.add_argument, argparse.BooleanOptionalAction
-    add("--config", help="preset JSON in uae_gen/configs (name like 'dit_tiny' / 'dit_imagenet256', or a path)")
-    add("--output_dir", default="uae-dit")
-    add("--seed", type=int, default=0)
     # data
-    add("--latent_cache", help="latent cache folder from train/cache_latents.py")
+    add("--latent_cache", help="latent cache folder from uae_gen.scripts.cache_latents")
     add("--train_data_dir", help="ImageFolder root (root/<class>/*.jpg), encoded on the fly")
     add("--dataset", choices=("demo-digits",), help="built-in offline set, encoded on the fly")
     add("--vae", help="AutoencoderUAE folder (default with --latent_cache: the cache's autoencoder)")
     add("--id2label", default="auto", help="class names: 'auto' (from the data), 'imagenet', or a JSON file")
     add("--random_flip", action=flag, default=True, help="horizontal flips (the cache's flipped latents)")
-    add("--dataloader_num_workers", type=int, default=0)
     # model and flow matching
     add("--model", choices=sorted(DIT_PRESETS), default="DiT-DH-XL", help="UAEDiT preset")
     add("--class_dropout_prob", type=float, default=0.1, help="label dropout for classifier-free guidance")
@@ -90,74 +73,30 @@ def build_parser() -> argparse.ArgumentParser:
     add("--time_shift", type=time_shift_value, default="auto", help="'auto' = sqrt(C*h*w / 4096), or a number")
     add("--time_distribution", choices=TIME_DISTRIBUTIONS, default="logit_normal")
     add("--solver", choices=SOLVERS, default="euler", help="sampler saved with the pipeline")
-    # optimisation
-    add("--train_batch_size", type=int, default=32, help="per device")
-    add("--gradient_accumulation_steps", type=int, default=1)
-    add("--num_train_epochs", type=int, default=1)
-    add("--max_train_steps", type=int, help="overrides --num_train_epochs")
-    add("--learning_rate", type=float, default=2e-4)
-    add("--lr_scheduler", choices=LR_SCHEDULES, default="constant")
-    add("--lr_warmup_steps", type=int, default=0)
-    add("--lr_warmup_epochs", type=float, help="warmup in epochs (overrides --lr_warmup_steps)")
-    add("--lr_warmup_from_zero", action=flag, default=True, help="ramp from 0 (else hold the peak LR)")
-    add("--lr_end", type=float, default=0.0, help="LR at the end of a linear / cosine decay")
-    add("--adam_beta1", type=float, default=0.9)
-    add("--adam_beta2", type=float, default=0.95)
-    add("--adam_weight_decay", type=float, default=0.0)
-    add("--adam_epsilon", type=float, default=1e-8)
-    add("--max_grad_norm", type=float, default=1.0, help="0 = no clipping")
-    # EMA, precision, checkpoints, validation, logging
-    add("--use_ema", action=flag, default=False)
-    add("--ema_decay", type=float, default=0.9995)
-    add("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: the accelerate config")
-    add("--allow_tf32", action=flag, default=False)
-    add("--checkpointing_steps", type=int, default=500)
-    add("--checkpoints_total_limit", type=int)
-    add("--resume_from_checkpoint", help="'latest' or a checkpoint path")
-    add("--validation_steps", type=int, help="write a sample grid (EMA model) every N steps")
+    # validation: a sample grid of the EMA model every --validation_steps
     add("--num_validation_images", type=int, default=16)
     add("--validation_num_inference_steps", type=int, default=25)
-    add("--report_to", help="accelerate tracker: tensorboard, wandb, all (default: none)")
-    add("--logging_dir", default="logs")
-    add("--tracker_project_name", default="uae-dit")
+    p.set_defaults(output_dir="uae-dit", train_batch_size=32, ema_decay=0.9995, tracker_project_name="uae-dit")
     return p
 
 
-def load_preset(config: str) -> dict:
-    """A preset's flag defaults; keys starting with "_" are comments."""
-    return read_preset(config, CONFIG_DIR, "dit_")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.config:
-        preset = load_preset(args.config)
+    def load_preset(args):
+        preset = read_preset(args.config, "dit_")
         if any(getattr(args, key) is not None for key in DATA_SOURCES):  # a source on the command line wins
             preset = {k: v for k, v in preset.items() if k not in DATA_SOURCES}
-        actions = {a.dest: a for a in parser._actions}
-        unknown = sorted(set(preset) - set(actions) | ({"config"} & set(preset)))
-        if unknown:
-            raise ValueError(f"config {args.config!r} sets unknown or forbidden keys {unknown}")
-        for key, value in preset.items():
-            if actions[key].choices and value is not None and value not in actions[key].choices:
-                raise ValueError(f"config {args.config!r}: {key}={value!r} is not one of {actions[key].choices}")
-        if "time_shift" in preset:
-            preset["time_shift"] = time_shift_value(str(preset["time_shift"]))
-        parser.set_defaults(**preset)
-        args = parser.parse_args(argv)  # command-line flags override the preset
+        return preset
+
+    args = parse_args_with_preset(build_parser(), argv, load_preset)
+    check_training_arguments(args)
+    args.time_shift = time_shift_value(str(args.time_shift))  # a preset may give a number
     if sum(getattr(args, key) is not None for key in DATA_SOURCES) != 1:
         raise ValueError("give exactly one data source: --latent_cache, --train_data_dir or --dataset demo-digits")
     if args.vae is None and args.latent_cache is None:
         raise ValueError("--vae (an AutoencoderUAE folder) is needed to encode images on the fly")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "num_validation_images",
-                 "validation_num_inference_steps"):
+    for name in ("num_validation_images", "validation_num_inference_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.validation_steps is not None and args.validation_steps < 1:
-        raise ValueError(f"--validation_steps must be at least 1, got {args.validation_steps}")
-    if not 0.0 <= args.lr_end <= args.learning_rate:
-        raise ValueError(f"--lr_end must lie in [0, learning_rate={args.learning_rate}], got {args.lr_end}")
     return args
 
 
@@ -175,7 +114,7 @@ def load_data(args):
     vae = AutoencoderUAE.from_pretrained(args.vae)
     if vae.config.latents_stats == "none":
         logger.warning("the autoencoder has no latent statistics: training on un-normalised latents "
-                       "(train/cache_latents.py computes them)", main_process_only=True)
+                       "(uae_gen.scripts.cache_latents computes them)", main_process_only=True)
     size = vae.config.image_size
     if args.dataset == "demo-digits":
         dataset = load_demo_digits("train", image_size=size)
@@ -208,125 +147,78 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def loss_summary(losses: list, start_step: int, max_points: int = 50) -> dict:
-    """First / last tenth means, minimum, and a curve of at most max_points window means (step, loss)."""
-    if not losses:
-        return {}
-    window = max(1, len(losses) // 10)
-    chunk = math.ceil(len(losses) / max_points)
-    curve = [[start_step + i + len(losses[i:i + chunk]), float(np.mean(losses[i:i + chunk]))]
-             for i in range(0, len(losses), chunk)]
-    return {"first": float(np.mean(losses[:window])), "last": float(np.mean(losses[-window:])),
-            "min": float(np.min(losses)), "window": window, "curve": curve}
+def make_flow_scheduler(args, vae: AutoencoderUAE) -> FlowMatchBandScheduler:
+    """The flow-matching scheduler the pipeline samples with; its band schedule drives the training loss."""
+    channels, (height, width) = vae.latent_channels, vae.latent_size
+    if height != width:
+        raise ValueError(f"UAEDiT needs a square latent grid, the autoencoder gives {height}x{width}")
+    shift = {"latent_dim": channels * height * width} if args.time_shift == "auto" else {"shift": args.time_shift}
+    scheduler = FlowMatchBandScheduler(solver=args.solver, num_bands=args.num_bands or vae.config.num_bands,
+                                       band_stagger=args.band_stagger, **shift)
+    schedule = scheduler.band_schedule
+    if schedule.is_staggered and schedule.num_bands != vae.config.num_bands:
+        raise ValueError(f"--num_bands {schedule.num_bands} differs from the autoencoder's "
+                         f"{vae.config.num_bands} bands")
+    return scheduler
+
+
+@torch.no_grad()
+def encode_images(vae: AutoencoderUAE, images: torch.Tensor, random_flip: bool) -> torch.Tensor:
+    """Normalised latents of [-1, 1] images; with random_flip each image is mirrored with probability 1/2, drawn
+    from the (per-batch seeded) global RNG."""
+    if random_flip:
+        flip = torch.rand(images.shape[0], device=images.device) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    return vae.encode(images).latent
+
+
+def save_sample_grid(args, transformer: UAEDiT, vae, scheduler, id2label: dict, step: int) -> None:
+    """A grid of `transformer`'s samples, classes in turn, as output_dir/samples/step-N.png."""
+    was_training = transformer.training
+    pipe = UAEDiTPipeline(transformer=transformer.eval(), vae=vae, scheduler=scheduler, id2label=id2label)
+    pipe.set_progress_bar_config(disable=True)
+    labels = [i % len(id2label) for i in range(args.num_validation_images)]
+    images = pipe(class_labels=labels, num_inference_steps=args.validation_num_inference_steps,
+                  generator=torch.Generator(vae.device).manual_seed(args.seed), output_type="pt").images
+    transformer.train(was_training)
+    save_image_grid(images, os.path.join(args.output_dir, "samples", f"step-{step:07d}.png"),
+                    value_range=(0.0, 1.0), labels=[id2label[label] for label in labels])
+
+
+def save_pipeline(pipe: UAEDiTPipeline, pipeline_dir: str) -> None:
+    """save_pretrained into a temp folder, then replace pipeline_dir with it."""
+    temp_dir = os.path.join(os.path.dirname(pipeline_dir), ".tmp-pipeline")
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    pipe.save_pretrained(temp_dir)
+    shutil.rmtree(pipeline_dir, ignore_errors=True)
+    os.rename(temp_dir, pipeline_dir)
 
 
 def main(args: argparse.Namespace) -> dict:
     start_time = time.time()
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        log_with=args.report_to, project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-    )
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-    if accelerator.device.type == "cpu":
-        retain_freed_memory()  # else every CPU step page-faults its activations back in (10-15% of a step)
-    set_seed(args.seed)
+    accelerator = make_accelerator(args)
     device, rank = accelerator.device, accelerator.process_index
 
     # ---- data, frozen autoencoder, scheduler (its band schedule drives training), transformer ---------------
     dataset, vae, data_id2label = load_data(args)
     vae = vae.eval().requires_grad_(False).to(device)
     id2label = resolve_id2label(args.id2label, data_id2label)
-    channels, (height, width) = vae.latent_channels, vae.latent_size
-    if height != width:
-        raise ValueError(f"UAEDiT needs a square latent grid, the autoencoder gives {height}x{width}")
-    auto_shift = args.time_shift == "auto"
-    shift_kwargs = {"latent_dim": channels * height * width} if auto_shift else {"shift": args.time_shift}
-    scheduler = FlowMatchBandScheduler(solver=args.solver, num_bands=args.num_bands or vae.config.num_bands,
-                                       band_stagger=args.band_stagger, **shift_kwargs)
+    scheduler = make_flow_scheduler(args, vae)
     schedule = scheduler.band_schedule
     split_bands = vae.split_bands if schedule.is_staggered else None
-    if schedule.is_staggered and schedule.num_bands != vae.config.num_bands:
-        raise ValueError(f"--num_bands {schedule.num_bands} differs from the autoencoder's "
-                         f"{vae.config.num_bands} bands")
-    transformer = UAEDiT.from_preset(args.model, in_channels=channels, sample_size=height,
+    transformer = UAEDiT.from_preset(args.model, in_channels=vae.latent_channels, sample_size=vae.latent_size[0],
                                      num_classes=len(id2label), class_dropout_prob=args.class_dropout_prob)
-    encode_on_the_fly = args.latent_cache is None
+    train_dataloader, steps_per_epoch, max_train_steps = make_train_dataloader(accelerator, dataset, args)
 
-    if len(dataset) < args.train_batch_size * accelerator.num_processes:
-        raise ValueError(f"{len(dataset)} training samples are fewer than one global batch "
-                         f"({args.train_batch_size} x {accelerator.num_processes} processes)")
-    train_dataloader = accelerator.prepare(DataLoader(
-        dataset, batch_size=args.train_batch_size, sampler=EpochShuffleSampler(dataset, args.seed), drop_last=True,
-        num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available()))
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    warmup_steps = args.lr_warmup_steps
-    if args.lr_warmup_epochs is not None:
-        warmup_steps = round(args.lr_warmup_epochs * steps_per_epoch)
-
-    # ---- optimiser and LR schedule (the prepared scheduler steps once per process) ------------------------
-    # fused: one kernel per step instead of the for-loop's ~10 passes with fresh full-size temporaries per
-    # parameter (plain DiT of bench/bench_dit.py on CPU: 350 -> 333 ms a training step).
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.learning_rate,
-                                  betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                                  eps=args.adam_epsilon, fused=True)
-    n = accelerator.num_processes
-    lr_scheduler = get_lr_scheduler(args.lr_scheduler, optimizer, warmup_steps * n, max_train_steps * n,
-                                    args.lr_end / args.learning_rate, args.lr_warmup_from_zero)
+    # ---- optimiser, LR schedule (the prepared scheduler steps once per process), EMA, resume -----------------
+    optimizer = make_adamw(transformer.parameters(), args)
+    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator, max_train_steps, steps_per_epoch)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     model = accelerator.unwrap_model(transformer)
     ema = EMA(model, args.ema_decay) if args.use_ema else None
-
-    # ---- checkpoint hooks: the live model and its EMA as from_pretrained folders --------------------------
-    def save_model_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            model.save_pretrained(os.path.join(output_dir, "transformer"))
-            if ema is not None:
-                ema.model.save_pretrained(os.path.join(output_dir, "transformer_ema"))
-        weights.clear()  # on every rank: accelerate must not write model.safetensors as well
-
-    def load_model_hook(models, input_dir):
-        models.clear()
-        model.load_state_dict(UAEDiT.from_pretrained(os.path.join(input_dir, "transformer")).state_dict())
-        if ema is not None:
-            ema_dir = os.path.join(input_dir, "transformer_ema")
-            if os.path.isdir(ema_dir):
-                ema.model.load_state_dict(UAEDiT.from_pretrained(ema_dir).state_dict())
-            else:
-                logger.warning(f"{input_dir} has no transformer_ema; the EMA restarts from the loaded weights")
-                ema.update(model, decay=0.0)
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-
-    global_step, resume_path = 0, resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
-    if resume_path is not None:
-        accelerator.load_state(resume_path)
-        global_step = checkpoint_step(resume_path)
-        logger.info(f"resumed from {resume_path} at step {global_step}", main_process_only=True)
+    register_pretrained_hooks(accelerator, model, ema, "transformer")  # checkpoint-N/transformer{,_ema}/
+    global_step, resume_path = resume_from_checkpoint(accelerator, args)
     start_step = global_step
-    if args.report_to:
-        accelerator.init_trackers(args.tracker_project_name, config={
-            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-
-    def validate():
-        """A sample grid from the EMA model (or the live one), classes in turn, on the main process."""
-        sampler_model = ema.model if ema is not None else model
-        was_training = sampler_model.training
-        pipe = UAEDiTPipeline(transformer=sampler_model.eval(), vae=vae, scheduler=scheduler, id2label=id2label)
-        pipe.set_progress_bar_config(disable=True)
-        labels = [i % len(id2label) for i in range(args.num_validation_images)]
-        images = pipe(class_labels=labels, num_inference_steps=args.validation_num_inference_steps,
-                      generator=torch.Generator(device).manual_seed(args.seed), output_type="pt").images
-        sampler_model.train(was_training)
-        save_image_grid(images, os.path.join(args.output_dir, "samples", f"step-{global_step:07d}.png"),
-                        value_range=(0.0, 1.0), labels=[id2label[label] for label in labels])
 
     # ---- training loop ------------------------------------------------------------------------------------
     logger.info(f"{len(dataset)} samples, {steps_per_epoch} steps/epoch, {max_train_steps} steps, "
@@ -334,52 +226,29 @@ def main(args: argparse.Namespace) -> dict:
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc="steps")
-    first_epoch, batches_to_skip = resume_position(global_step, len(train_dataloader), args.gradient_accumulation_steps)
-    losses, micro_losses = [], []
+    loss_log = LossLogger(accelerator, progress, args.logging_steps, max_train_steps)
     transformer.train()
-    for epoch in range(first_epoch, num_epochs):
-        if global_step >= max_train_steps:
-            break
-        train_dataloader.set_epoch(epoch)  # before skip_first_batches: it must reach the shared sampler
-        skip = batches_to_skip if epoch == first_epoch else 0
-        epoch_loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        for batch_index, (inputs, labels) in enumerate(epoch_loader, start=skip):
-            with accelerator.accumulate(transformer), torch.random.fork_rng(devices=rng_devices):
-                torch.manual_seed(batch_seed(args.seed, epoch, batch_index, rank))
-                if encode_on_the_fly:
-                    if args.random_flip:
-                        flip = torch.rand(inputs.shape[0], device=device) < 0.5
-                        inputs = torch.where(flip[:, None, None, None], inputs.flip(-1), inputs)
-                    with torch.no_grad():
-                        inputs = vae.encode(inputs).latent
-                loss = flow_matching_loss(lambda x, t, y: transformer(x, t, y).sample, inputs, labels, schedule,
-                                          split_bands, args.time_distribution).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_losses.append(loss.detach())
-            if not accelerator.sync_gradients:
-                continue
-
-            if ema is not None:
+    for epoch, batch_index, (inputs, labels) in resumed_batches(accelerator, train_dataloader, global_step,
+                                                                 max_train_steps):
+        with accelerator.accumulate(transformer), torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(batch_seed(args.seed, epoch, batch_index, rank))  # every draw of this batch
+            if args.latent_cache is None:
+                inputs = encode_images(vae, inputs, args.random_flip)
+            loss = flow_matching_loss(lambda x, t, y: transformer(x, t, y).sample, inputs, labels, schedule,
+                                      split_bands, args.time_distribution).loss
+            backward_and_step(accelerator, loss, transformer, optimizer, lr_scheduler, args.max_grad_norm)
+            if accelerator.sync_gradients and ema is not None:
                 ema.update(model)
-            global_step += 1
-            step_loss = accelerator.gather(torch.stack(micro_losses).mean()[None]).mean().item()
-            micro_losses.clear()
-            losses.append(step_loss)
-            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
-            progress.update(1)
-            progress.set_postfix(**logs)
-            accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                validate()
-            if global_step >= max_train_steps:
-                break
+        loss_log.add({"loss": loss})
+        if not accelerator.sync_gradients:
+            continue
+
+        global_step += 1
+        loss_log.step(global_step, lr_scheduler.get_last_lr()[0])
+        if global_step % args.checkpointing_steps == 0:
+            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+        if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+            save_sample_grid(args, ema.model if ema is not None else model, vae, scheduler, id2label, global_step)
     progress.close()
 
     # ---- final pipeline (EMA transformer) and summary -----------------------------------------------------
@@ -391,17 +260,14 @@ def main(args: argparse.Namespace) -> dict:
         "resumed_from": resume_path, "max_train_steps": max_train_steps, "steps_per_epoch": steps_per_epoch,
         "num_samples": len(dataset), "global_batch_size": args.train_batch_size * accelerator.num_processes
         * args.gradient_accumulation_steps, "time_shift": schedule.shift, "seconds": round(time.time() - start_time, 2),
-        "loss": loss_summary(losses, start_step), "weights_sha256_per_rank": hashes, "args": vars(args),
+        "loss": loss_summary([(step, logs["loss"]) for step, logs in loss_log.history]),
+        "weights_sha256_per_rank": hashes, "args": vars(args),
     }
     if accelerator.is_main_process:
         final_model = (ema.model if ema is not None else model).eval()
-        pipe = UAEDiTPipeline(transformer=final_model, vae=vae, scheduler=scheduler, id2label=id2label)
         pipeline_dir = os.path.join(args.output_dir, "pipeline")
-        temp_dir = os.path.join(args.output_dir, ".tmp-pipeline")
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        pipe.save_pretrained(temp_dir)
-        shutil.rmtree(pipeline_dir, ignore_errors=True)
-        os.rename(temp_dir, pipeline_dir)
+        save_pipeline(UAEDiTPipeline(transformer=final_model, vae=vae, scheduler=scheduler, id2label=id2label),
+                      pipeline_dir)
         write_json(os.path.join(args.output_dir, "training_summary.json"), summary)
         logger.info(f"done at step {global_step}: {summary['loss'].get('last')} loss; pipeline in {pipeline_dir}",
                     main_process_only=True)

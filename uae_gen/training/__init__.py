@@ -1,7 +1,16 @@
-"""Accelerate glue shared by train/train_tokenizer.py and train/train_dit.py: EMA, LR schedule, crash-safe
-checkpoints, reproducible data order for resuming, sample grids, and the CPU allocator setting."""
+"""Accelerate glue shared by the training scripts (uae_gen/scripts): shared flags and presets, Accelerator and
+data-loader set-up, checkpoint hooks and resume, reproducible data order, the optimiser step, EMA, LR schedule,
+loss logging, sample grids, and the CPU allocator setting."""
 
-from .cpu_memory import retain_freed_memory
+from .accelerator_setup import (
+    make_accelerator,
+    make_adamw,
+    make_lr_scheduler,
+    make_train_dataloader,
+    register_pretrained_hooks,
+    resume_from_checkpoint,
+)
+from .arguments import add_training_arguments, check_training_arguments
 from .checkpointing import (
     CHECKPOINT_MARKER,
     checkpoint_step,
@@ -10,27 +19,44 @@ from .checkpointing import (
     save_checkpoint,
     write_json,
 )
-from .data_order import EpochShuffleSampler, batch_seed, ResumePosition, resume_position
+from .cpu_memory import retain_freed_memory
+from .data_order import EpochShuffleSampler, ResumePosition, batch_seed, resume_position, resumed_batches
 from .ema import EMA
 from .image_grid import save_image_grid
-from .presets import read_preset
+from .loss_log import LossLogger, loss_summary
 from .lr_schedule import LR_SCHEDULES, get_lr_scheduler
+from .optimizer_step import backward_and_step
+from .presets import CONFIG_DIR, parse_args_with_preset, read_preset
 
 __all__ = [
     "CHECKPOINT_MARKER",
+    "CONFIG_DIR",
     "EMA",
     "EpochShuffleSampler",
     "LR_SCHEDULES",
     "ResumePosition",
+    "LossLogger",
+    "add_training_arguments",
+    "backward_and_step",
+    "batch_seed",
+    "check_training_arguments",
     "checkpoint_step",
     "find_latest_checkpoint",
     "get_lr_scheduler",
+    "loss_summary",
+    "make_accelerator",
+    "make_adamw",
+    "make_lr_scheduler",
+    "make_train_dataloader",
+    "parse_args_with_preset",
+    "read_preset",
+    "register_pretrained_hooks",
     "resolve_resume_path",
+    "resume_from_checkpoint",
     "resume_position",
+    "resumed_batches",
     "retain_freed_memory",
     "save_checkpoint",
     "save_image_grid",
     "write_json",
-    "batch_seed",
-    "read_preset",
 ]

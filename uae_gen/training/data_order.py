@@ -2,20 +2,16 @@
 
 `EpochShuffleSampler` draws epoch e's order from seed + e alone (no hidden RNG state), so every rank agrees on
 it and a restarted process can regenerate any epoch. `resume_position` says where in that order a checkpoint
-stopped. The loop then looks like this:
+stopped, and `resumed_batches` runs the epochs from there:
 
     train_dataloader = DataLoader(dataset, batch_size, sampler=EpochShuffleSampler(dataset, seed), drop_last=True)
     train_dataloader = accelerator.prepare(train_dataloader)
-    first_epoch, skip = resume_position(global_step, len(train_dataloader), gradient_accumulation_steps)
-    for epoch in range(first_epoch, num_epochs):
-        train_dataloader.set_epoch(epoch)  # before skip_first_batches: it must reach the shared sampler
-        loader = accelerator.skip_first_batches(train_dataloader, skip) if epoch == first_epoch else train_dataloader
-        ...
-
-Use the skipping loader for the first resumed epoch only (accelerate#1451).
+    for epoch, batch_index, batch in resumed_batches(accelerator, train_dataloader, global_step, max_train_steps):
+        with accelerator.accumulate(model):
+            ...
 """
 
-from typing import Iterator, NamedTuple, Sized
+from typing import Any, Iterator, NamedTuple, Sized
 
 import numpy as np
 import torch
@@ -67,3 +63,21 @@ def batch_seed(seed: int, epoch: int, batch_index: int, rank: int) -> int:
     """An independent RNG seed per (run seed, epoch, batch within the epoch, process): training draws seeded from
     it do not depend on hidden RNG state, so a resumed run makes exactly the same draws."""
     return int(np.random.SeedSequence([seed, epoch, batch_index, rank]).generate_state(1)[0])
+
+
+def resumed_batches(accelerator, dataloader, global_step: int, max_train_steps: int) -> Iterator[tuple[int, int, Any]]:
+    """(epoch, batch index within the epoch, batch) of a prepared `dataloader`, from where `global_step` optimiser
+    steps stopped up to the last batch of step `max_train_steps`; accumulation is the accelerator's."""
+    accumulation, batches_per_epoch = accelerator.gradient_accumulation_steps, len(dataloader)
+    steps_per_epoch = -(-batches_per_epoch // accumulation)
+    epoch, skip = resume_position(global_step, batches_per_epoch, accumulation)
+    while global_step < max_train_steps and epoch * steps_per_epoch < max_train_steps:
+        stop = min(batches_per_epoch, (max_train_steps - epoch * steps_per_epoch) * accumulation)
+        dataloader.set_epoch(epoch)  # before skip_first_batches: it must reach the shared sampler
+        # The skipping loader serves the first resumed epoch only (accelerate#1451).
+        loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        for batch_index, batch in enumerate(loader, start=skip):
+            yield epoch, batch_index, batch
+            if batch_index + 1 == stop < batches_per_epoch:  # the run ends mid-epoch
+                return
+        epoch, skip = epoch + 1, 0
