@@ -29,7 +29,6 @@ from uae_gen.training import (
     resolve_resume_path,
     resume_position,
     resumed_batches,
-    retain_freed_memory,
     save_checkpoint,
     save_image_grid,
 )
@@ -391,19 +390,3 @@ def test_image_grid_write_is_atomic_and_validates(tmp_path, monkeypatch):
         save_image_grid(torch.zeros(3, 4, 4), str(path))
     with pytest.raises(ValueError, match="labels"):
         save_image_grid(torch.zeros(2, 3, 4, 4), str(path), labels=["one"])
-
-
-def resident_mib() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
-def test_retain_freed_memory_keeps_freed_blocks_in_the_process():
-    # After the call, a freed 16 MiB tensor stays resident: no munmap, no trim. With glibc's defaults the same
-    # lines drop the resident size by 16 MiB (checked by hand in a fresh process).
-    assert retain_freed_memory() is True
-    block = torch.ones(4 * 2 ** 20)  # 16 MiB, touched
-    with_block = resident_mib()
-    del block
-    assert resident_mib() > with_block - 1

@@ -1,6 +1,6 @@
 """Accelerate glue shared by the training scripts (uae_gen/scripts): shared flags and presets, Accelerator and
 data-loader set-up, checkpoint hooks and resume, reproducible data order, the optimiser step, EMA, LR schedule,
-loss logging, sample grids, and the CPU allocator setting."""
+loss logging and sample grids."""
 
 from .accelerator_setup import (
     make_accelerator,
@@ -19,7 +19,6 @@ from .checkpointing import (
     save_checkpoint,
     write_json,
 )
-from .cpu_memory import retain_freed_memory
 from .data_order import EpochShuffleSampler, ResumePosition, batch_seed, resume_position, resumed_batches
 from .ema import EMA
 from .image_grid import save_image_grid
@@ -55,7 +54,6 @@ __all__ = [
     "resume_from_checkpoint",
     "resume_position",
     "resumed_batches",
-    "retain_freed_memory",
     "save_checkpoint",
     "save_image_grid",
     "write_json",
