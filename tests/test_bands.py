@@ -10,6 +10,7 @@ from uae_gen.models.bands import (
     BandTransform,
     DCTBandTransform,
     FFTBandTransform,
+    LowFrequencyTokens,
     cutoffs_from_v1_schedule,
     dct_matrix,
     frequency_radius,
@@ -185,6 +186,22 @@ def test_dct_lowpass_rejects_counts_outside_the_grid(bad):
         DCTBandTransform(12, 10, cutoffs=[0.5]).lowpass(torch.randn(1, 2, 12, 10), bad)
     with pytest.raises(TypeError, match="num_coefficients"):
         DCTBandTransform(12, 10, cutoffs=[0.5]).lowpass(torch.randn(1, 2, 12, 10), 2.5)
+
+
+def test_low_frequency_tokens_are_the_first_zigzag_coefficients():
+    h, w, n = 6, 5, 11
+    z = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(7))
+    tokens = LowFrequencyTokens(h, w, n)
+    dct = DCTBandTransform(h, w, cutoffs=[])
+    coefficients = tokens.to_tokens(z)
+    assert coefficients.shape == (2, 3, n)
+    assert torch.allclose(coefficients, dct.to_coefficients(z).flatten(-2)[..., zigzag_order(h, w)[:n]], atol=1e-6)
+    assert (tokens.from_tokens(coefficients) - dct.lowpass(z, n)).abs().max() < 1e-5
+    assert (tokens.to_tokens(tokens.from_tokens(coefficients)) - coefficients).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="expected 11 frequency tokens"):
+        tokens.from_tokens(torch.zeros(2, 3, 12))
+    with pytest.raises(ValueError, match="num_coefficients must lie in \\[1, 30\\].*got 31"):
+        LowFrequencyTokens(h, w, 31)
 
 
 @requires_fixtures

@@ -8,9 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from uae_gen.convert import convert_ditdh_state_dict
+from uae_gen.models.bands import DCTBandTransform
 from uae_gen.models.dit import DIT_PRESETS, UAEDiT, apply_rope, rope_tables_2d
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+from .fixture_paths import FIXTURES
+
 TINY = dict(sample_size=8, in_channels=4, num_classes=10)
 
 
@@ -32,7 +34,6 @@ def inputs(model: UAEDiT, batch: int = 3, seed: int = 1):
     return sample, timestep, labels
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"official fixtures folder {FIXTURES} is absent")
 def test_ditdh_matches_official_rae_output():
     official = json.loads((FIXTURES / "rae_ditdh_tiny_config.json").read_text())
     model = UAEDiT(
@@ -59,7 +60,6 @@ def test_ditdh_matches_official_rae_output():
     assert (out - io["out"]).abs().max().item() < 1e-5
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"official fixtures folder {FIXTURES} is absent")
 def test_convert_ditdh_names_missing_and_unexpected_keys():
     weights = load_file(FIXTURES / "rae_ditdh_tiny_weights.safetensors")
     with pytest.raises(ValueError, match=r"missing keys: \['t_embedder.W'\]"):
@@ -304,3 +304,33 @@ def test_preset_parameter_counts(preset):
     if preset == "DiT-DH-XL":
         # method.md: 838.7M, counting the official frozen pos-embed (256 x 1152) and Fourier W (256) parameters.
         assert abs(count + 256 * 1152 + 256 - 838.7e6) < 0.05e6
+
+
+@pytest.mark.parametrize("preset", ["DiT-tiny", "DiT-DH-tiny"])
+def test_frequency_tokens_run_on_the_low_pass_subspace(preset):
+    model = perturbed(UAEDiT.from_preset(preset, **TINY, frequency_tokens=16)).eval()
+    sample, timestep, labels = inputs(model)
+    lowpass = DCTBandTransform(8, 8, cutoffs=[]).lowpass
+    seen = []
+    model.blocks[0].register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    velocity = model(sample, timestep, labels).sample
+    assert velocity.shape == sample.shape and seen == [(3, 16, 64)]  # 16 tokens, not 8 * 8
+    # The output lies in the 16-coefficient subspace, and only the input's part in it matters.
+    assert velocity.abs().mean() > 1e-2
+    assert (lowpass(velocity, 16) - velocity).abs().max() < 1e-5
+    assert (model(lowpass(sample, 16), timestep, labels).sample - velocity).abs().max() < 1e-5
+    assert (model(lowpass(sample, 15), timestep, labels).sample - velocity).abs().max() > 1e-3
+
+
+def test_frequency_tokens_save_reload_and_validation(tmp_path):
+    model = perturbed(UAEDiT.from_preset("DiT-tiny", **TINY, frequency_tokens=10)).eval()
+    model.save_pretrained(tmp_path)
+    reloaded = UAEDiT.from_pretrained(tmp_path).eval()
+    assert reloaded.config.frequency_tokens == 10
+    sample, timestep, labels = inputs(model)
+    assert torch.equal(model(sample, timestep, labels).sample, reloaded(sample, timestep, labels).sample)
+    for bad in (0, 65):
+        with pytest.raises(ValueError, match=f"num_coefficients must lie in \\[1, 64\\].*got {bad}"):
+            UAEDiT.from_preset("DiT-tiny", **TINY, frequency_tokens=bad)
+    with pytest.raises(ValueError, match="frequency_tokens needs patch_size 1.*got 2"):
+        UAEDiT.from_preset("DiT-tiny", **TINY, patch_size=2, frequency_tokens=16)

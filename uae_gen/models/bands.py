@@ -318,6 +318,41 @@ def _coefficient_count(value, total: int) -> int:
     return count
 
 
+class LowFrequencyTokens(nn.Module):
+    """The first N zig-zag DCT coefficients of each channel of a (C, h, w) grid, as a sequence of N tokens.
+
+    ``to_tokens`` (B, C, h, w) -> (B, C, N) and ``from_tokens`` (B, C, N) -> (B, C, h, w) with the other
+    coefficients zero: an orthonormal projection onto the low-pass subspace, so ``from_tokens(to_tokens(z))`` is
+    the zig-zag low-pass of z and ``to_tokens(from_tokens(c)) == c``. ``indices`` (N,) holds each token's flat
+    frequency position (row * w + column), for position embeddings.
+    """
+
+    def __init__(self, height: int, width: int, num_tokens: int):
+        super().__init__()
+        self.height, self.width = height, width
+        self.num_tokens = _coefficient_count(num_tokens, height * width)
+        order = zigzag_order(height, width)[: self.num_tokens]
+        self.register_buffer("indices", order, persistent=False)
+        self.register_buffer("dct_h", dct_matrix(height).float(), persistent=False)
+        self.register_buffer("dct_w", dct_matrix(width).float(), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"{self.height}x{self.width}, num_tokens={self.num_tokens}"
+
+    def to_tokens(self, z: torch.Tensor) -> torch.Tensor:
+        z = _check_grid(z, (self.height, self.width), "a grid")
+        coefficients = self.dct_h.to(z.dtype) @ z @ self.dct_w.T.to(z.dtype)
+        return coefficients.flatten(-2)[..., self.indices]
+
+    def from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[-1] != self.num_tokens:
+            raise ValueError(f"expected {self.num_tokens} frequency tokens in the last dimension, got {tuple(tokens.shape)}")
+        coefficients = tokens.new_zeros(*tokens.shape[:-1], self.height * self.width)
+        coefficients[..., self.indices] = tokens
+        coefficients = coefficients.unflatten(-1, (self.height, self.width))
+        return self.dct_h.T.to(tokens.dtype) @ coefficients @ self.dct_w.to(tokens.dtype)
+
+
 BAND_TRANSFORMS: dict[str, type[BandTransform]] = {"fft": FFTBandTransform, "dct": DCTBandTransform}
 
 

@@ -23,6 +23,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .attention import attention, check_attention_backend
+from .bands import LowFrequencyTokens
 from .pos_embed import sincos_pos_embed_2d
 
 _NO_HEAD = dict(head_hidden_size=None, head_depth=0, head_num_heads=None)
@@ -214,6 +215,11 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+def _at_positions(table: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """The rows of a per-grid-cell table (h*w, D) for the tokens at the given flat positions (all rows if None)."""
+    return table if positions is None else table[positions]
+
+
 class UAEDiT(ModelMixin, ConfigMixin):
     """Class-conditional velocity model on a latent grid (B, in_channels, sample_size, sample_size).
 
@@ -247,6 +253,7 @@ class UAEDiT(ModelMixin, ConfigMixin):
         wo_shift: bool = False,
         time_embedding_type: str = "gaussian_fourier",
         attention_backend: str = "sdpa",
+        frequency_tokens: int | None = None,
     ):
         super().__init__()
         check_attention_backend(attention_backend)
@@ -264,6 +271,8 @@ class UAEDiT(ModelMixin, ConfigMixin):
             if width % heads or (use_rope and (width // heads) % 4):
                 raise ValueError(f"{name} width {width} must split into {heads} heads "
                                  "(head_dim divisible by 4 for RoPE)")
+        if frequency_tokens is not None and patch_size != 1:
+            raise ValueError(f"frequency_tokens needs patch_size 1 (one token per coefficient); got {patch_size}")
         if use_pos_embed and hidden_size % 4:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by 4 for the 2-D sin-cos pos-embed")
         self.gradient_checkpointing = False
@@ -272,11 +281,16 @@ class UAEDiT(ModelMixin, ConfigMixin):
         patch_dim = in_channels * patch_size * patch_size
         block_options = dict(mlp_ratio=mlp_ratio, use_qknorm=use_qknorm, use_swiglu=use_swiglu,
                              use_rmsnorm=use_rmsnorm, wo_shift=wo_shift, backend=attention_backend)
+        # Frequency tokens: the model sees only the first N zig-zag DCT coefficients of its input (N tokens instead
+        # of h*w, placed at their (row, column) frequency) and returns a velocity inside that low-pass subspace.
+        self.frequency_layout = None if frequency_tokens is None else LowFrequencyTokens(grid, grid, frequency_tokens)
+        positions = None if self.frequency_layout is None else self.frequency_layout.indices
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size, time_embedding_type)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         if use_pos_embed:
-            self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, grid)[None], persistent=False)
+            pos_embed = _at_positions(sincos_pos_embed_2d(hidden_size, grid), positions)
+            self.register_buffer("pos_embed", pos_embed[None], persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, **block_options) for _ in range(depth))
         if self.has_head:
             widen = head_hidden_size != hidden_size
@@ -287,8 +301,8 @@ class UAEDiT(ModelMixin, ConfigMixin):
         if use_rope:
             for name, width, heads in widths:
                 cos, sin = rope_tables_2d(width // heads, grid)
-                self.register_buffer(f"{name}_rope_cos", cos, persistent=False)
-                self.register_buffer(f"{name}_rope_sin", sin, persistent=False)
+                self.register_buffer(f"{name}_rope_cos", _at_positions(cos, positions), persistent=False)
+                self.register_buffer(f"{name}_rope_sin", _at_positions(sin, positions), persistent=False)
         self.final_layer = FinalLayer(head_hidden_size if self.has_head else hidden_size, patch_dim, use_rmsnorm)
         self.initialize_weights()
 
@@ -376,13 +390,16 @@ class UAEDiT(ModelMixin, ConfigMixin):
                 tokens = block(tokens, cond, rope)
         return tokens
 
-    @staticmethod
-    def _embed_patches(embedder: nn.Conv2d, sample: torch.Tensor) -> torch.Tensor:
-        # (B, N, D), tokens in row-major order. Contiguous: the residual stream keeps the layout of its first
-        # tensor, and a transposed one would make every LayerNorm and Linear copy it again.
+    def _embed_patches(self, embedder: nn.Conv2d, sample: torch.Tensor) -> torch.Tensor:
+        # (B, N, D), tokens in row-major order (or zig-zag order of frequency). Contiguous: the residual stream keeps
+        # the layout of its first tensor, and a transposed one would make every LayerNorm and Linear copy it again.
+        if self.frequency_layout is not None:
+            sample = self.frequency_layout.to_tokens(sample).unsqueeze(-1)  # (B, C, N, 1): a 1x1 conv per token
         return embedder(sample).flatten(2).transpose(1, 2).contiguous()
 
     def _unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.frequency_layout is not None:
+            return self.frequency_layout.from_tokens(tokens.transpose(1, 2))
         # Each token holds a (p, p, C) patch, as in DiT and the official RAE code.
         p, channels = self.config.patch_size, self.config.in_channels
         grid = self.config.sample_size // p
