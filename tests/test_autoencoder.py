@@ -11,7 +11,7 @@ from diffusers import configuration_utils
 from safetensors.torch import save_file
 
 from uae_gen.models.autoencoder_uae import AutoencoderUAE
-from uae_gen.models.bands import BandProjector
+from uae_gen.models.bands import BandProjector, DCTBandTransform
 from uae_gen.models.encoders import SemanticEncoder, load_encoder_weights, make_teacher
 from uae_gen.models.modulator import FrequencyBandModulator
 
@@ -187,6 +187,24 @@ def test_dct_lowpass_train_range_is_checked_when_built():
     model = AutoencoderUAE.from_preset("tiny", **{**TINY_DCT, "dct_lowpass_train_range": [100, 256]}).train()
     z = torch.randn(2, 64, 8, 8)
     assert torch.equal(model._dct_lowpass(z, torch.Generator().manual_seed(0)), model.band_projector.lowpass(z, 64))
+
+
+def test_dct_lowpass_works_with_fft_bands():
+    """The frequency-limited latent keeps zig-zag DCT coefficients, whatever transform splits the bands."""
+    torch.manual_seed(0)
+    model = AutoencoderUAE.from_preset("tiny", dct_lowpass_coefficients=16).eval()
+    assert model.config.band_transform == "fft"
+    x = images(2)
+    full = model.encoder(x)
+    low = model.encode_raw(x)
+    assert torch.allclose(low, DCTBandTransform(8, 8, cutoffs=[]).lowpass(full, 16), atol=1e-5)
+    assert (low - full).abs().mean() > 1e-3
+    torch.manual_seed(0)
+    trained = AutoencoderUAE.from_preset("tiny", dct_lowpass_train_range=[4, 32], dct_lowpass_train_prob=1.0).train()
+    z = torch.randn(3, 64, 8, 8)
+    generator = torch.Generator().manual_seed(1)
+    counts = torch.randint(4, 33, (3,), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(trained._dct_lowpass(z, generator), trained.lowpass(z, counts), atol=1e-6)
 
 
 def test_finite_check_is_opt_in():

@@ -35,7 +35,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
-from .bands import BandProjector
+from .bands import BandProjector, DCTBandTransform
 from .encoders import SemanticEncoder
 from .modulator import FrequencyBandModulator
 from .vit_decoder import ViTDecoder
@@ -123,8 +123,6 @@ class AutoencoderUAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         super().__init__()
         if latents_stats not in LATENT_STATS:
             raise ValueError(f"latents_stats must be one of {LATENT_STATS}, got {latents_stats!r}")
-        if (dct_lowpass_coefficients or dct_lowpass_train_range) and band_transform != "dct":
-            raise ValueError("the DCT low-pass options need band_transform='dct'")
         self.encoder = SemanticEncoder(encoder_name, encoder_input_size, encoder_token_norm, encoder_kwargs)
         channels, (h, w) = self.encoder.hidden_size, self.encoder.grid_size
         if image_size % h or image_size % w or image_size // h != image_size // w:
@@ -137,6 +135,9 @@ class AutoencoderUAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         self.band_projector = BandProjector(
             h, w, num_bands, band_transform, band_cutoffs, band_mask_shape, band_transition_width, band_keep_residual
         )
+        # The v2 low-pass keeps zig-zag DCT coefficients whatever transform splits the bands.
+        self.lowpass_transform = (self.band_projector.band_transform if band_transform == "dct"
+                                  else DCTBandTransform(h, w, cutoffs=[]))
         self.modulator = FrequencyBandModulator(
             self.band_projector, channels, spectral_transform_channels, spectral_transform_zero_init, band_mix_layers,
             band_noise_sigma, band_noise_prob, band_noise_from,
@@ -223,10 +224,14 @@ class AutoencoderUAE(ModelMixin, AutoencoderMixin, ConfigMixin):
             k = torch.randint(lo, hi + 1, (b,), generator=generator, device=z.device)
             apply = torch.rand(b, generator=generator, device=z.device) < cfg.dct_lowpass_train_prob
             k = torch.where(apply, k, torch.full_like(k, math.prod(self.latent_size)))
-            return self.band_projector.lowpass(z, k)
+            return self.lowpass(z, k)
         if cfg.dct_lowpass_coefficients:
-            return self.band_projector.lowpass(z, cfg.dct_lowpass_coefficients)
+            return self.lowpass(z, cfg.dct_lowpass_coefficients)
         return z
+
+    def lowpass(self, z: torch.Tensor, num_coefficients) -> torch.Tensor:
+        """Keep the first N zig-zag DCT coefficients of every channel of z (B, C, h, w); N an int or (B,) counts."""
+        return self.lowpass_transform.lowpass(z, num_coefficients)
 
     def encode_raw(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """The un-normalised latent the decoder path works on (with training-time latent noise / low-pass)."""
