@@ -36,18 +36,9 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from uae_gen.data import ImageFolderDataset, load_demo_digits
-from uae_gen.losses import (
-    LPIPS,
-    DiffAugment,
-    DinoDiscriminator,
-    GANLossSchedule,
-    adaptive_generator_weight,
-    hinge_discriminator_loss,
-    hinge_generator_loss,
-    l1_reconstruction_loss,
-    quantize_to_uint8_grid,
-    semantic_band_loss,
-)
+from uae_gen.losses import LPIPS, DiffAugment, DinoDiscriminator, GANLossSchedule, adaptive_generator_weight
+from uae_gen.losses import hinge_discriminator_loss, hinge_generator_loss, l1_reconstruction_loss
+from uae_gen.losses import quantize_to_uint8_grid, semantic_band_loss
 from uae_gen.metrics import psnr
 from uae_gen.models.autoencoder_uae import AutoencoderUAE
 from uae_gen.models.encoders import load_encoder_weights, make_teacher
