@@ -2,9 +2,8 @@
 
 Both models are plain adaLN-Zero DiTs with the same width, depth, heads, tokens and patch (UAEDiT without
 SwiGLU / RoPE / RMSNorm, sinusoidal time embedding). Measures the median time of a training step
-(forward + backward + fused AdamW, the optimiser the DiT trainer uses, for both; glibc's allocator set to keep
-freed memory, as the trainer does on CPU) and of a sampling step (forward, no grad). The two models' iterations
-are interleaved so machine load hits both alike; times are wall and process CPU time (CPU time does not count
+(forward + backward + fused AdamW, the optimiser the DiT trainer uses, for both) and of a sampling step
+(forward, no grad). The two models' iterations are interleaved so machine load hits both alike; times are wall and process CPU time (CPU time does not count
 waits while other programs use the cores). Reports parameter counts, peak RSS and achieved GFLOP/s (analytic
 forward FLOPs, x3 for a training step) as a share of the measured torch.mm fp32 GEMM rate on an MLP-shaped
 product. Prints a Markdown table and writes JSON to --out.
@@ -25,7 +24,6 @@ import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel
 
 from uae_gen.models.dit import UAEDiT
-from uae_gen.training import retain_freed_memory
 
 
 def parse_args():
@@ -116,7 +114,6 @@ def peak_rss_mib() -> float:
 
 def main():
     args = parse_args()
-    retain_freed_memory()  # as the DiT trainer does on CPU; process-wide, so both models get it
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
