@@ -331,26 +331,21 @@ class LowFrequencyTokens(nn.Module):
         super().__init__()
         self.height, self.width = height, width
         self.num_tokens = _coefficient_count(num_tokens, height * width)
-        order = zigzag_order(height, width)[: self.num_tokens]
-        self.register_buffer("indices", order, persistent=False)
-        self.register_buffer("dct_h", dct_matrix(height).float(), persistent=False)
-        self.register_buffer("dct_w", dct_matrix(width).float(), persistent=False)
+        self.dct = DCTBandTransform(height, width, cutoffs=[])
+        self.register_buffer("indices", zigzag_order(height, width)[: self.num_tokens], persistent=False)
 
     def extra_repr(self) -> str:
         return f"{self.height}x{self.width}, num_tokens={self.num_tokens}"
 
     def to_tokens(self, z: torch.Tensor) -> torch.Tensor:
-        z = _check_grid(z, (self.height, self.width), "a grid")
-        coefficients = self.dct_h.to(z.dtype) @ z @ self.dct_w.T.to(z.dtype)
-        return coefficients.flatten(-2)[..., self.indices]
+        return self.dct.to_coefficients(z).flatten(-2)[..., self.indices].to(z.dtype)
 
     def from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[-1] != self.num_tokens:
             raise ValueError(f"expected {self.num_tokens} frequency tokens in the last dimension, got {tuple(tokens.shape)}")
-        coefficients = tokens.new_zeros(*tokens.shape[:-1], self.height * self.width)
-        coefficients[..., self.indices] = tokens
-        coefficients = coefficients.unflatten(-1, (self.height, self.width))
-        return self.dct_h.T.to(tokens.dtype) @ coefficients @ self.dct_w.to(tokens.dtype)
+        coefficients = tokens.new_zeros(*tokens.shape[:-1], self.height * self.width, dtype=torch.float32)
+        coefficients[..., self.indices] = tokens.float()
+        return self.dct.from_coefficients(coefficients.unflatten(-1, (self.height, self.width))).to(tokens.dtype)
 
 
 BAND_TRANSFORMS: dict[str, type[BandTransform]] = {"fft": FFTBandTransform, "dct": DCTBandTransform}
