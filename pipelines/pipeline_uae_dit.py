@@ -150,6 +150,10 @@ class UAEDiTPipeline(DiffusionPipeline):
                 raise ValueError(f"class_labels[{position}] = {label!r} is neither an integer class id nor a name")
             elif not 0 <= label < num_classes:
                 raise ValueError(f"class label {label} out of range: this model has classes 0..{num_classes - 1}")
+        lowpass, tokens = self.vae.config.dct_lowpass_coefficients, self.transformer.config.frequency_tokens
+        if tokens is not None and tokens != lowpass:
+            raise ValueError(f"the transformer runs on frequency_tokens={tokens} DCT coefficients but the autoencoder's "
+                             f"latent keeps dct_lowpass_coefficients={lowpass}: they must be equal")
         shape = self._latent_shape(len(labels))
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for {len(labels)} labels, got {tuple(latents.shape)}")
@@ -160,10 +164,14 @@ class UAEDiTPipeline(DiffusionPipeline):
         return torch.tensor(ids, device=device, dtype=torch.long)
 
     def prepare_latents(self, batch_size, device, generator=None, latents=None) -> torch.Tensor:
-        """Initial noise (B, C, h, w) in float32: drawn from ``generator``, or the given ``latents`` moved over."""
+        """Initial noise (B, C, h, w) in float32: drawn from ``generator``, or the given ``latents`` moved over.
+        A frequency-token transformer sees and moves only the low-pass part, so its noise is low-passed up front
+        (a spatial model on a frequency-limited latent starts from full-band noise, as it was trained)."""
         if latents is None:
-            return randn_tensor(self._latent_shape(batch_size), generator=generator, device=device, dtype=torch.float32)
-        return latents.to(device=device, dtype=torch.float32)
+            latents = randn_tensor(self._latent_shape(batch_size), generator=generator, device=device,
+                                   dtype=torch.float32)
+        latents = latents.to(device=device, dtype=torch.float32)
+        return self._lowpass(latents) if self.transformer.config.frequency_tokens else latents
 
     def prepare_velocity_fns(self, class_labels, guidance_scale, guidance_interval, guidance) -> list[Callable]:
         """One ``(x, t) -> v`` callable per step of the scheduler's grid (call after ``set_timesteps``).
@@ -187,6 +195,7 @@ class UAEDiTPipeline(DiffusionPipeline):
 
     def decode_latents(self, latents, output_type, return_band_previews):
         """Final latent -> (images, band previews or None) of ``output_type``."""
+        latents = self._lowpass(latents)  # a spatial model's velocity may leave the frequency-limited subspace
         images, previews = latents, None
         if output_type != "latent":
             images = self._to_output(self.vae.decode(latents.to(self.vae.dtype)).sample, output_type)
@@ -200,6 +209,10 @@ class UAEDiTPipeline(DiffusionPipeline):
         return images, previews
 
     # ---- helpers --------------------------------------------------------------------------------------------
+    def _lowpass(self, latents: torch.Tensor) -> torch.Tensor:
+        count = self.vae.config.dct_lowpass_coefficients
+        return latents if count is None else self.vae.lowpass(latents, count)
+
     def _model_fn(self, transformer: UAEDiT) -> Callable:
         def velocity(x, t, labels):
             return transformer(x.to(transformer.dtype), t, labels).sample.to(x.dtype)

@@ -23,7 +23,7 @@ from uae_gen.flow import (
     shifted_time_grid,
     velocity_target,
 )
-from uae_gen.models.bands import BandProjector
+from uae_gen.models.bands import BandProjector, DCTBandTransform
 
 SHAPE = (1, 4, 4)  # C, h, w of the toy latent
 DIM = 16
@@ -544,3 +544,21 @@ def test_scheduler_counts_steps_after_set_begin_index(monkeypatch):
     assert scheduler.begin_index is None and scheduler.step_index is None
     with pytest.raises(AssertionError, match="looked up"):
         scheduler.solver_step(velocity, scheduler.timesteps[0], x_init)
+
+
+def test_noise_projection_keeps_the_path_in_the_subspace():
+    lowpass = DCTBandTransform(8, 8, cutoffs=[]).lowpass
+    x = lowpass(torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)), 10)
+    seen = {}
+
+    def model(x_t, t, labels):
+        seen["x_t"] = x_t
+        return torch.zeros_like(x_t)
+
+    out = flow_matching_loss(model, x, torch.zeros(4, dtype=torch.long), BandSchedule(),
+                             generator=torch.Generator().manual_seed(1), noise_projection=lambda n: lowpass(n, 10))
+    assert (lowpass(seen["x_t"], 10) - seen["x_t"]).abs().max() < 1e-5
+    # Zero prediction: the loss is the target's energy, eps and x both inside the 10-coefficient subspace.
+    full = flow_matching_loss(model, x, torch.zeros(4, dtype=torch.long), BandSchedule(),
+                              generator=torch.Generator().manual_seed(1))
+    assert out.loss < 0.5 * full.loss

@@ -350,3 +350,36 @@ def test_cli_generate_writes_a_grid(pipe, tmp_path):
     assert Image.open(out).size[1] >= 32 and Image.open(out).size[0] >= 64
     with pytest.raises(SystemExit):
         main(["generate", "--pipeline", str(tmp_path / "pipe"), "--class-labels", "5000", "--out", str(out)])
+
+
+def frequency_limited_pipeline(vae_coefficients, model_tokens):
+    torch.manual_seed(0)
+    vae = AutoencoderUAE.from_preset("tiny", dct_lowpass_coefficients=vae_coefficients).eval()
+    transformer = UAEDiT.from_preset("DiT-tiny", in_channels=64, sample_size=8, num_classes=10,
+                                     frequency_tokens=model_tokens).eval()
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    pipe = UAEDiTPipeline(transformer=transformer, vae=vae, scheduler=FlowMatchBandScheduler(latent_dim=64 * 8 * 8))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("model_tokens", [None, 16])
+def test_frequency_limited_latent_samples_stay_low_passed(model_tokens):
+    pipe = frequency_limited_pipeline(16, model_tokens)
+    starts = []
+    latents = pipe(class_labels=[1, 2], num_inference_steps=3, output_type="latent", generator=seeded(),
+                   callback_on_step_end=lambda p, i, t, kw: starts.append(kw["latents"]) or {}).images
+    assert latents.abs().mean() > 0.1 and (pipe.vae.lowpass(latents, 16) - latents).abs().max() < 1e-5
+    # A frequency-token model moves only the low-pass part, so its noise starts low-passed; a spatial model
+    # starts from full-band noise as it was trained, and only its result is low-passed.
+    high = (starts[0] - pipe.vae.lowpass(starts[0], 16)).abs().max()
+    assert (high < 1e-5) if model_tokens else (high > 0.5)
+
+
+@pytest.mark.parametrize("vae_coefficients,model_tokens", [(None, 16), (32, 16)])
+def test_frequency_tokens_must_match_the_latent(vae_coefficients, model_tokens):
+    pipe = frequency_limited_pipeline(vae_coefficients, model_tokens)
+    with pytest.raises(ValueError, match=f"frequency_tokens={model_tokens}.*dct_lowpass_coefficients={vae_coefficients}"):
+        pipe(class_labels=[1], num_inference_steps=2)

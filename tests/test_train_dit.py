@@ -220,3 +220,32 @@ def test_flags_presets_and_overrides(data, tmp_path):
         train_dit.main(train_dit.parse_args(tiny_args(data, tmp_path / "run", "--vae", str(data / "vae"))))
     with pytest.raises(ValueError, match="--id2label"):
         train_dit.main(train_dit.parse_args(tiny_args(data, tmp_path / "run", "--id2label", "imagenet")))
+
+
+def test_frequency_limited_latent_with_frequency_tokens(data, tmp_path):
+    out = tmp_path / "lowpass"
+    train_dit.main(train_dit.parse_args(tiny_args(data, out, "--max_train_steps", "2", "--latent_lowpass", "16",
+                                                  "--frequency_tokens")))
+    pipe = UAEDiTPipeline.from_pretrained(out / "pipeline")
+    assert pipe.vae.config.dct_lowpass_coefficients == 16 and pipe.transformer.config.frequency_tokens == 16
+    # Per-channel statistics of the low-passed cached latents, by hand.
+    cache = AutoencoderUAE.from_pretrained(data / "cache" / "autoencoder")
+    raw = torch.cat([part["latents"] for part in map(load_file, sorted((data / "cache").glob("part-*.safetensors")))])
+    low = cache.lowpass(raw.float(), 16)
+    assert torch.allclose(pipe.vae.latents_mean.flatten(), low.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(pipe.vae.latents_std.flatten(), (low.var((0, 2, 3), unbiased=False) + 1e-5).sqrt(),
+                          rtol=1e-4)
+    latents = pipe(class_labels=[0, 3], num_inference_steps=2, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    assert latents.abs().mean() > 0.1 and (pipe.vae.lowpass(latents, 16) - latents).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--frequency_tokens"], "--frequency_tokens .* give --latent_lowpass N"),
+    (["--latent_lowpass", "0"], r"--latent_lowpass must lie in \[1, 64\].*got 0"),
+    (["--latent_lowpass", "65", "--frequency_tokens"], r"--latent_lowpass must lie in \[1, 64\].*got 65"),
+])
+def test_frequency_limited_latent_bad_input(data, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        train_dit.main(train_dit.parse_args(tiny_args(data, tmp_path / "bad", "--max_train_steps", "1", *extra)))
+    assert not (tmp_path / "bad" / "pipeline").exists()

@@ -218,10 +218,16 @@ def flow_matching_loss(
     split_bands: Optional[SplitBands] = None,
     time_distribution: str = "logit_normal",
     generator: Optional[torch.Generator] = None,
+    noise_projection: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> FlowMatchingLossOutput:
-    """Sample t and eps, build x_t on the schedule, regress the model's velocity on the target (no weighting)."""
+    """Sample t and eps, build x_t on the schedule, regress the model's velocity on the target (no weighting).
+
+    ``noise_projection`` maps eps into the subspace x lies in (a frequency-token model's low-pass), so x_t and the
+    target stay there and the loss holds no part the model cannot see."""
     t = schedule.sample_time(x.shape[0], time_distribution, generator=generator, device=x.device).to(x.dtype)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if noise_projection is not None:
+        noise = noise_projection(noise)
     x_t = schedule.interpolate(x, noise, t, split_bands)
     target = schedule.velocity_target(x, noise, t, split_bands)
     prediction = model_fn(x_t, t, class_labels)

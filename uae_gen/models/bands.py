@@ -283,11 +283,12 @@ class DCTBandTransform(BandTransform):
 
     def to_coefficients(self, z: torch.Tensor) -> torch.Tensor:
         """(..., h, w) -> (..., h, w) float32 coefficients D_h z D_w^T; [0, 0] is DC."""
-        return self.dct_h @ _check_grid(z, (self.height, self.width), "a grid").float() @ self.dct_w.T
+        # .float() on the matrices too: a module cast to bf16 casts its buffers, and the transform stays float32.
+        return self.dct_h.float() @ _check_grid(z, (self.height, self.width), "a grid").float() @ self.dct_w.float().T
 
     def from_coefficients(self, coefficients: torch.Tensor) -> torch.Tensor:
         coefficients = _check_grid(coefficients, self.coefficient_shape, "DCT coefficients")
-        return self.dct_h.T @ coefficients.float() @ self.dct_w
+        return self.dct_h.float().T @ coefficients.float() @ self.dct_w.float()
 
     def split(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, K, C, h, w): the masks are disjoint, so the iterative split is one masked product."""

@@ -18,6 +18,7 @@ id2label) and training_summary.json.
 """
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from uae_gen.pipelines.pipeline_uae_dit import UAEDiTPipeline, imagenet_id2label
 
-from uae_gen.data import ImageFolderDataset, LatentCacheDataset, load_demo_digits
+from uae_gen.data import ImageFolderDataset, LatentCacheDataset, LatentStatistics, load_demo_digits
 from uae_gen.flow import SOLVERS, TIME_DISTRIBUTIONS, FlowMatchBandScheduler, flow_matching_loss
 from uae_gen.models.autoencoder_uae import AutoencoderUAE
 from uae_gen.models.dit import DIT_PRESETS, UAEDiT
@@ -41,6 +42,7 @@ from uae_gen.training import register_pretrained_hooks, resume_from_checkpoint, 
 from uae_gen.training import save_image_grid, write_json
 
 DATA_SOURCES = ("latent_cache", "train_data_dir", "dataset")
+LOWPASS_STATS_SAMPLES = 10_000
 logger = get_logger(__name__)
 
 
@@ -73,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--time_shift", type=time_shift_value, default="auto", help="'auto' = sqrt(C*h*w / 4096), or a number")
     add("--time_distribution", choices=TIME_DISTRIBUTIONS, default="logit_normal")
     add("--solver", choices=SOLVERS, default="euler", help="sampler saved with the pipeline")
+    # low-to-high: the UAE frequency-limited latent, optionally as fewer tokens
+    add("--latent_lowpass", type=int, help="learn the first N zig-zag DCT coefficients of each latent channel "
+        "(the UAE v2 frequency-limited latent; per-channel statistics recomputed on it)")
+    add("--frequency_tokens", action=flag, default=False,
+        help="the DiT runs on those N coefficients as N tokens instead of h*w (needs --latent_lowpass)")
     # validation: a sample grid of the EMA model every --validation_steps
     add("--num_validation_images", type=int, default=16)
     add("--validation_num_inference_steps", type=int, default=25)
@@ -94,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError("give exactly one data source: --latent_cache, --train_data_dir or --dataset demo-digits")
     if args.vae is None and args.latent_cache is None:
         raise ValueError("--vae (an AutoencoderUAE folder) is needed to encode images on the fly")
+    if args.frequency_tokens and args.latent_lowpass is None:
+        raise ValueError("--frequency_tokens runs the DiT on the low-passed latent's coefficients: give --latent_lowpass N")
     for name in ("num_validation_images", "validation_num_inference_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -121,6 +130,30 @@ def load_data(args):
     else:  # flips happen in the loop, from the seeded per-batch RNG
         dataset = ImageFolderDataset(args.train_data_dir, size, random_flip=False)
     return dataset, vae, dataset.id2label
+
+
+@torch.no_grad()
+def frequency_limited_autoencoder(vae: AutoencoderUAE, dataset, num_coefficients: int, device) -> AutoencoderUAE:
+    """A copy of `vae` whose latent keeps the first N zig-zag DCT coefficients per channel, normalised with the
+    per-channel statistics of that low-passed latent (per channel, so normalising keeps it low-passed), measured
+    on up to LOWPASS_STATS_SAMPLES training samples."""
+    height, width = vae.latent_size
+    if not 1 <= num_coefficients <= height * width:
+        raise ValueError(f"--latent_lowpass must lie in [1, {height * width}] (the {height}x{width} latent grid), "
+                         f"got {num_coefficients}")
+    limited = copy.deepcopy(vae)
+    limited.register_to_config(dct_lowpass_coefficients=num_coefficients)
+    statistics = LatentStatistics(per_channel=True)
+    count = min(len(dataset), LOWPASS_STATS_SAMPLES)
+    for start in range(0, count, 256):
+        indices = range(start, min(start + 256, count))
+        if isinstance(dataset, LatentCacheDataset):
+            raw = torch.stack([dataset.raw_latent(i) for i in indices]).to(device)
+        else:
+            raw = vae.encode_raw(torch.stack([dataset[i][0] for i in indices]).to(device))
+        statistics.update(limited.lowpass(raw, num_coefficients))
+    limited.set_latent_statistics(*statistics.mean_and_std())
+    return limited
 
 
 def resolve_id2label(source: str, data_id2label: dict) -> dict:
@@ -202,12 +235,17 @@ def main(args: argparse.Namespace) -> dict:
     # ---- data, frozen autoencoder, scheduler (its band schedule drives training), transformer ---------------
     dataset, vae, data_id2label = load_data(args)
     vae = vae.eval().requires_grad_(False).to(device)
+    data_vae = vae  # normalises the data as it comes (the cache's statistics)
+    if args.latent_lowpass is not None:
+        vae = frequency_limited_autoencoder(vae, dataset, args.latent_lowpass, device)
     id2label = resolve_id2label(args.id2label, data_id2label)
     scheduler = make_flow_scheduler(args, vae)
     schedule = scheduler.band_schedule
     split_bands = vae.split_bands if schedule.is_staggered else None
     transformer = UAEDiT.from_preset(args.model, in_channels=vae.latent_channels, sample_size=vae.latent_size[0],
-                                     num_classes=len(id2label), class_dropout_prob=args.class_dropout_prob)
+                                     num_classes=len(id2label), class_dropout_prob=args.class_dropout_prob,
+                                     frequency_tokens=args.latent_lowpass if args.frequency_tokens else None)
+    noise_projection = (lambda noise: vae.lowpass(noise, args.latent_lowpass)) if args.frequency_tokens else None
     train_dataloader, steps_per_epoch, max_train_steps = make_train_dataloader(accelerator, dataset, args)
 
     # ---- optimiser, LR schedule (the prepared scheduler steps once per process), EMA, resume -----------------
@@ -234,8 +272,10 @@ def main(args: argparse.Namespace) -> dict:
             torch.manual_seed(batch_seed(args.seed, epoch, batch_index, rank))  # every draw of this batch
             if args.latent_cache is None:
                 inputs = encode_images(vae, inputs, args.random_flip)
+            elif vae is not data_vae:  # cached latents, frequency-limited and renormalised
+                inputs = vae.normalize_latents(vae.lowpass(data_vae.denormalize_latents(inputs), args.latent_lowpass))
             loss = flow_matching_loss(lambda x, t, y: transformer(x, t, y).sample, inputs, labels, schedule,
-                                      split_bands, args.time_distribution).loss
+                                      split_bands, args.time_distribution, noise_projection=noise_projection).loss
             backward_and_step(accelerator, loss, transformer, optimizer, lr_scheduler, args.max_grad_norm)
             if accelerator.sync_gradients and ema is not None:
                 ema.update(model)
