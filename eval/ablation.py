@@ -4,7 +4,10 @@ injection, a band-count sweep, and uniform vs band-progressive generation, on th
     python eval/ablation.py --out_dir uae_gen_ablation --minutes 25     # CPU, offline: ablation.md / .json / .png
     python eval/ablation.py --preset imagenet256                        # prints the same study at the paper's scale
 
-Every model is trained by the train/ scripts, called in this process as `uae-gen demo` does (uae_gen.demo). One
+Every model is trained by the package's training scripts, each run as the subprocess of a printed `accelerate
+launch -m uae_gen.scripts.train_tokenizer ...` (or `python -m uae_gen.scripts.cache_latents`, `accelerate launch -m
+uae_gen.scripts.train_dit`) command, as `uae-gen demo` runs them (uae_gen.demo_setup, which this study shares with
+the demo). One
 teacher (the tiny DINOv2-architecture classifier: DINOv2's role, the tokenizers' initial encoder and the semantic
 target) and one judge (resnet10t: class accuracy and the feature space of the judge-FID) are trained once and shared
 by every row. Tokenizer rows, each with the same seed and one equal step budget N (`--minutes` scales it):
@@ -29,30 +32,33 @@ setting and step count), reconstructions.png (held-out originals, then each row'
 
 import argparse
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from uae_gen import AutoencoderUAE, BandProjector, UAEDiTPipeline
-from uae_gen import demo
-from uae_gen.demo import (
+from uae_gen import AutoencoderUAE, BandProjector
+from uae_gen.demo_classifiers import accuracy, classifier_features, predict
+from uae_gen.demo_setup import (
     DIT_MODEL,
     GUIDANCE_SCALE,
+    SHARED_MIN_STEPS,
+    SHARED_STEPS,
     PhaseTimer,
-    dit_mixed_precision,
+    cache_latents,
     generate,
     linear_probe_top1,
-    load_train_script,
     probe_features,
     raw_latents,
+    read_summary,
     reconstruct,
-    run_script,
+    scaled_step_counts,
+    train_dit,
     train_teacher_and_judge,
+    train_tokenizer_stage,
+    write_text,
 )
-from uae_gen.demo_classifiers import accuracy, classifier_features, predict
 from uae_gen.metrics import frechet_distance_from_features, psnr, ssim
 from uae_gen.training import save_image_grid, write_json
 
@@ -61,12 +67,8 @@ DEFAULT_MINUTES = 25.0
 # and sampling counts are the demo's. Measured at 1 thread: tokenizer ~0.05 s/step (stage 2 ~0.06), 200 samples
 # x 20 CFG steps ~65 s; DiT-mini (bf16 autocast where the CPU has it natively, as in the demo) ~0.2 s/step at
 # 2 threads.
-FULL_BUDGET_STEPS = {
-    "teacher": demo.FULL_BUDGET_STEPS["teacher"], "judge": demo.FULL_BUDGET_STEPS["judge"],
-    "tokenizer": 800, "dit": 1100, "samples_per_class": demo.FULL_BUDGET_STEPS["samples_per_class"],
-    "inference_steps": demo.FULL_BUDGET_STEPS["inference_steps"],
-}
-MIN_STEPS = {"teacher": 4, "judge": 4, "tokenizer": 2, "dit": 4, "samples_per_class": 2, "inference_steps": 4}
+FULL_BUDGET_STEPS = {**SHARED_STEPS, "tokenizer": 800, "dit": 1100}
+MIN_STEPS = {**SHARED_MIN_STEPS, "tokenizer": 2}
 PROGRESSIVE_STAGGER = 0.5
 GENERATION_ROWS = {"uniform": 0.0, "progressive": PROGRESSIVE_STAGGER}
 FULL_UAE_BANDS = 4
@@ -129,11 +131,7 @@ GENERATION_COLUMNS = (
 def step_counts(minutes: float) -> dict[str, int]:
     """Steps of each phase for a budget of `minutes` (the default budget gives FULL_BUDGET_STEPS), plus the split of
     the tokenizer budget between stage 1 and stage 2 for the encoder-tuning rows."""
-    if not (math.isfinite(minutes) and minutes > 0):
-        raise ValueError(f"minutes must be a positive number, got {minutes}")
-    scale = minutes / DEFAULT_MINUTES
-    counts = {name: max(MIN_STEPS[name], round(steps * scale)) for name, steps in FULL_BUDGET_STEPS.items()}
-    counts["inference_steps"] = min(counts["inference_steps"], FULL_BUDGET_STEPS["inference_steps"])
+    counts = scaled_step_counts(minutes, FULL_BUDGET_STEPS, MIN_STEPS, DEFAULT_MINUTES)
     counts["tokenizer_stage1"] = counts["tokenizer"] // 2
     counts["tokenizer_stage2"] = counts["tokenizer"] - counts["tokenizer_stage1"]
     return counts
@@ -152,23 +150,16 @@ def selected_rows(rows) -> list[str]:
 # ---- training -----------------------------------------------------------------------------------------------
 
 
-def tokenizer_argv(stage: int, steps: int, output_dir: Path, seed: int, teacher_file: Path, band_noise: bool) -> list:
-    return ["--config", "tiny", "--stage", stage, "--output_dir", output_dir, "--dataset", "demo-digits",
-            "--max_train_steps", steps, "--checkpointing_steps", steps + 1, "--validation_steps", steps,
-            "--mixed_precision", "no", "--seed", seed, "--pretrained_encoder", teacher_file,
-            "--band_noise" if band_noise else "--no-band_noise"]
-
-
-def timed_run(script, argv: list, out: Path, output_dir: Path) -> dict:
-    """Run a train_tokenizer stage; what the row record keeps of it."""
-    started = time.time()
-    summary = run_script(script, argv)
+def tokenizer_run(out: Path, output_dir: Path, stage: int, steps: int, seed: int, teacher_file: Path,
+                  band_noise: bool, flags: list) -> dict:
+    """Train one tokenizer stage; what the row record keeps of it (wall: the run as the script times itself)."""
+    flags = ["--band_noise" if band_noise else "--no-band_noise", *flags]
+    summary = train_tokenizer_stage(stage, steps, output_dir, seed, teacher_file, flags)
     return {"stage": summary["stage"], "dir": output_dir.relative_to(out).as_posix(), "steps": summary["global_step"],
-            "band_noise": summary["band_noise"], "trained": summary["trained"],
-            "wall_s": round(time.time() - started, 1)}
+            "band_noise": summary["band_noise"], "trained": summary["trained"], "wall_s": summary["wall_time_s"]}
 
 
-def train_row(script, row: TokenizerRow, out: Path, steps: dict, seed: int, teacher_file: Path,
+def train_row(row: TokenizerRow, out: Path, steps: dict, seed: int, teacher_file: Path,
               stage1_runs: dict) -> list[dict]:
     """Train one tokenizer row; returns its runs in order (the last one's folder holds the row's model).
     `stage1_runs` maps (K, steps) to a finished stage 1, which rows with the same stage 1 (c and d) share."""
@@ -176,15 +167,13 @@ def train_row(script, row: TokenizerRow, out: Path, steps: dict, seed: int, teac
     stage1_steps = steps["tokenizer_stage1"] if row.tune_encoder else steps["tokenizer"]
     if (row.num_bands, stage1_steps) not in stage1_runs:
         output_dir = work / (f"stage1-K{row.num_bands}" if row.tune_encoder else row.key)
-        argv = tokenizer_argv(1, stage1_steps, output_dir, seed, teacher_file, band_noise=False)
-        argv += ["--model_config", json.dumps({"num_bands": row.num_bands})]
-        stage1_runs[row.num_bands, stage1_steps] = timed_run(script, argv, out, output_dir)
+        stage1_runs[row.num_bands, stage1_steps] = tokenizer_run(
+            out, output_dir, 1, stage1_steps, seed, teacher_file, band_noise=False,
+            flags=["--model_config", json.dumps({"num_bands": row.num_bands})])
     runs = [stage1_runs[row.num_bands, stage1_steps]]
     if row.tune_encoder:
-        output_dir = work / row.key
-        argv = tokenizer_argv(2, steps["tokenizer_stage2"], output_dir, seed, teacher_file, row.band_noise)
-        argv += ["--init_from", out / runs[0]["dir"]]
-        runs.append(timed_run(script, argv, out, output_dir))
+        runs.append(tokenizer_run(out, work / row.key, 2, steps["tokenizer_stage2"], seed, teacher_file,
+                                  row.band_noise, flags=["--init_from", out / runs[0]["dir"]]))
     return runs
 
 
@@ -228,23 +217,16 @@ def tokenizer_scores(vae: AutoencoderUAE, train, heldout, judge, heldout_feature
     return scores, recon
 
 
-def generation_rows(scripts, out: Path, d_dir: Path, steps: dict, seed: int, train, judge, heldout_features):
+def generation_rows(out: Path, d_dir: Path, steps: dict, seed: int, train, judge, heldout_features):
     """Cache row d's latents, train the DiT once per schedule with equal budgets, sample and score; returns the rows
     and one sample per class of each."""
     work = out / "work"
-    run_script(scripts["cache_latents"], ["--vae", d_dir, "--output_dir", work / "latents-d", "--dataset",
-                                          "demo-digits", "--seed", seed, "--overwrite"])
+    cache_latents(d_dir, work / "latents-d", seed)
     rows, firsts, n = [], [], steps["dit"]
     for name, stagger in GENERATION_ROWS.items():
-        started, dit_dir = time.time(), work / f"dit-{name}"
-        run_script(scripts["train_dit"], ["--config", "dit_tiny", "--model", DIT_MODEL, "--latent_cache",
-                                          work / "latents-d", "--output_dir", dit_dir, "--max_train_steps", n,
-                                          "--checkpointing_steps", n + 1, "--validation_steps", n,
-                                          "--mixed_precision", dit_mixed_precision(), "--seed", seed,
-                                          "--band_stagger", stagger])
-        wall = time.time() - started
-        pipe = UAEDiTPipeline.from_pretrained(dit_dir / "pipeline")
-        pipe.set_progress_bar_config(disable=True)
+        dit_dir = work / f"dit-{name}"
+        pipe = train_dit(work / "latents-d", dit_dir, n, seed, flags=["--band_stagger", stagger])
+        wall = read_summary(dit_dir)["seconds"]
         per_class, started = steps["samples_per_class"], time.time()
         images, labels, _ = generate(pipe, train.num_classes, per_class, steps["inference_steps"], seed)
         rows.append({
@@ -268,7 +250,6 @@ def run_ablation(out_dir: str = "uae_gen_ablation", minutes: float = DEFAULT_MIN
     rows, steps = selected_rows(rows), step_counts(minutes)
     out = Path(out_dir)
     (out / "work").mkdir(parents=True, exist_ok=True)
-    scripts = {name: load_train_script(name) for name in ("train_tokenizer", "cache_latents", "train_dit")}
     torch.manual_seed(seed)
     timer = PhaseTimer()
     train, heldout, teacher, teacher_file, judge = train_teacher_and_judge(out / "work", steps, seed, timer)
@@ -276,7 +257,7 @@ def run_ablation(out_dir: str = "uae_gen_ablation", minutes: float = DEFAULT_MIN
     stage1_runs, tokenizer_rows, reconstructions = {}, {}, {}
     for key in rows:
         if key != "gen":
-            runs = train_row(scripts["train_tokenizer"], ROWS_BY_KEY[key], out, steps, seed, teacher_file, stage1_runs)
+            runs = train_row(ROWS_BY_KEY[key], out, steps, seed, teacher_file, stage1_runs)
             tokenizer_rows[key] = {"runs": runs, "model_dir": runs[-1]["dir"]}
     timer.lap("tokenizers_s")
 
@@ -297,8 +278,8 @@ def run_ablation(out_dir: str = "uae_gen_ablation", minutes: float = DEFAULT_MIN
 
     generation, floor, samples = [], None, None
     if "gen" in rows:
-        generation, samples = generation_rows(scripts, out, out / tokenizer_rows["d"]["model_dir"], steps, seed, train,
-                                              judge, heldout_features)
+        generation, samples = generation_rows(out, out / tokenizer_rows["d"]["model_dir"], steps, seed, train, judge,
+                                              heldout_features)
         floor_index = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
         floor_index = floor_index[: generation[0]["num_generated"]]
         floor = frechet_distance_from_features(classifier_features(judge, train.images[floor_index]).numpy(),
@@ -332,7 +313,7 @@ def run_ablation(out_dir: str = "uae_gen_ablation", minutes: float = DEFAULT_MIN
         save_image_grid(samples, str(out / "samples.png"), nrow=train.num_classes,
                         labels=[row["key"] for row in generation for _ in range(train.num_classes)])
     write_json(str(out / "ablation.json"), result)
-    (out / "ablation.md").write_text(markdown_report(result))
+    write_text(out / "ablation.md", markdown_report(result))
     print(f"\nablation: done in {wall['total_s'] / 60:.1f} min -> {out}/ablation.md")
     return result
 
@@ -450,8 +431,9 @@ def markdown_report(result: dict) -> str:
         "- Metrics on the held-out split: PSNR / SSIM on 8-bit levels; judge-FID = Frechet distance of the "
         "reconstructions (or samples) to the held-out images in the judge's (resnet10t) pooled features; judge acc. "
         "= the judge's class accuracy on them; probes = logistic regression on the 2x2-pooled raw latent (band 0, or "
-        "the teacher's whole latent), trained on the train split. Wall = the row's training runs (a shared stage 1 "
-        "counts in each row that uses it), scoring excluded.",
+        "the teacher's whole latent), trained on the train split. Wall = the row's training runs as each script "
+        "times itself (process start-up excluded; a shared stage 1 counts in each row that uses it), scoring "
+        "excluded.",
         "- Generation: uniform = plain flow matching (stagger 0); progressive = the band-progressive schedule with "
         f"stagger {PROGRESSIVE_STAGGER} (band 0 is clean from t = {PROGRESSIVE_STAGGER} on). Each samples with the "
         "scheduler saved in its pipeline (the 'sampler' column is read back from it). Wall = DiT training; "
@@ -468,15 +450,15 @@ def markdown_report(result: dict) -> str:
 
 # ---- the full-scale study (printed) -------------------------------------------------------------------------
 
-IMAGENET_VARIABLES = (  # (shell variable, placeholder, what it is)
-    ("IMAGENET", "/path/to/imagenet", "ImageNet-1k with train/ and val/ class folders"),
-    ("DINOV2", "timm/vit_base_patch14_reg4_dinov2.lvd142m", "the teacher (tokenizer_imagenet256.json's encoder)"),
-    ("VGG16", "/path/to/vgg16.safetensors", "torchvision vgg16 weights for LPIPS (stage 2, reconstruction eval)"),
-    ("INCEPTION", "/path/to/weights-inception-2015-12-05-6726825d.pth", "torch-fidelity Inception weights"),
-    ("ADM_REF", "/path/to/VIRTUAL_imagenet256_labeled.npz", "ADM reference batch"),
-    ("NGPU", "8", "GPUs per training / sampling run"),
-    ("RUNS", "ablation-imagenet256", "output root"),
-)
+IMAGENET_VARIABLES = {  # shell variable: (placeholder, what it is)
+    "IMAGENET": ("/path/to/imagenet", "ImageNet-1k with train/ and val/ class folders"),
+    "DINOV2": ("timm/vit_base_patch14_reg4_dinov2.lvd142m", "the teacher (tokenizer_imagenet256.json's encoder)"),
+    "VGG16": ("/path/to/vgg16.safetensors", "torchvision vgg16 weights for LPIPS (stage 2, reconstruction eval)"),
+    "INCEPTION": ("/path/to/weights-inception-2015-12-05-6726825d.pth", "torch-fidelity Inception weights"),
+    "ADM_REF": ("/path/to/VIRTUAL_imagenet256_labeled.npz", "ADM reference batch"),
+    "NGPU": ("8", "GPUs per training / sampling run"),
+    "RUNS": ("ablation-imagenet256", "output root"),
+}
 IMAGENET_STAGE_EPOCHS = 10  # the released v1 recipe: 10 epochs of stage 1, then 10 of stage 2
 IMAGENET_DIT_EPOCHS = 80  # the paper's early comparison point; the preset's full run is 800
 
@@ -489,7 +471,7 @@ def imagenet256_commands(rows, seed: int = 0) -> str:
     data = "--train_data_dir $IMAGENET/train --validation_data_dir $IMAGENET/val"
     lines = ["#!/usr/bin/env bash", "# UAE ablation at the paper's scale (ImageNet 256, DINOv2-B teacher, ViT-XL "
              "decoder): eval/ablation.py --preset imagenet256", "set -euo pipefail"]
-    lines += [f"{name}=${{{name}:-{value}}}  # {what}" for name, value, what in IMAGENET_VARIABLES]
+    lines += [f"{name}=${{{name}:-{value}}}  # {what}" for name, (value, what) in IMAGENET_VARIABLES.items()]
     lines += ["", f"# Equal budget per tokenizer row: {2 * IMAGENET_STAGE_EPOCHS} epochs (frozen-encoder rows: all "
               f"stage 1; encoder-tuning rows: {IMAGENET_STAGE_EPOCHS} stage 1 + {IMAGENET_STAGE_EPOCHS} stage 2), "
               f"seed {seed}. Stage 2 adds LPIPS (the released recipe; the tiny CPU study has none). No GAN stage, "

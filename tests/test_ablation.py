@@ -1,10 +1,18 @@
-"""eval/ablation.py: the full study at a minimal budget (structure of the table, JSON == Markdown, the PNG, rows
-really configured as labelled) and the printed full-scale commands (every row named, every command accepted by its
-script's parser)."""
+"""eval/ablation.py: the study at a minimal budget (structure of the tables, JSON == Markdown, the PNG, rows really
+configured as labelled) and the printed full-scale commands (every row named, every command accepted by its script's
+parser).
 
+Each training run is a subprocess (~10 s of CPU to start: the launcher and the script's imports), so the study runs
+here with the paper's ablation rows a-d and generation (8 runs); the band-count sweep rows k2 and k8 are d with
+another --model_config num_bands (two more runs each): the printed commands check how they are configured, and their
+table and claim are checked on relabelled numbers."""
+
+import copy
+import importlib
 import importlib.util
 import json
 import math
+import os
 import re
 import shlex
 import string
@@ -18,11 +26,11 @@ from safetensors.torch import load_file
 
 from uae_gen import AutoencoderUAE
 from uae_gen.data import load_demo_digits
-from uae_gen.demo import load_train_script
 from uae_gen.training.image_grid import CAPTION_HEIGHT, GRID_PADDING
 
 REPO = Path(__file__).resolve().parents[1]
 MINUTES, SEED = 0.01, 3
+ROWS = ["a", "b", "c", "d", "gen"]
 
 
 def load_eval_script(name):
@@ -39,7 +47,7 @@ ablation = load_eval_script("ablation")
 def study(tmp_path_factory, one_torch_thread):
     out = tmp_path_factory.mktemp("ablation")
     returned = ablation.main(ablation.parse_args(["--out_dir", str(out), "--minutes", str(MINUTES),
-                                                  "--seed", str(SEED)]))
+                                                  "--seed", str(SEED), "--rows", *ROWS]))
     return out, returned, json.loads((out / "ablation.json").read_text())
 
 
@@ -82,7 +90,8 @@ def test_bad_arguments_fail_before_training(argv, message):
 def test_every_row_present_with_finite_numbers_in_range(study):
     out, returned, result = study
     assert result == json.loads(json.dumps(returned))
-    assert [row["key"] for row in result["tokenizer_rows"]] == ["a", "b", "c", "d", "k2", "k8"]
+    assert [row["key"] for row in result["tokenizer_rows"]] == ["a", "b", "c", "d"]
+    assert result["settings"]["rows"] == ROWS
     assert [row["key"] for row in result["generation_rows"]] == ["uniform", "progressive"]
     assert result["steps"] == ablation.step_counts(MINUTES) and result["settings"]["seed"] == SEED
     for row in result["tokenizer_rows"]:
@@ -105,10 +114,14 @@ def test_every_row_present_with_finite_numbers_in_range(study):
 def test_markdown_shows_the_json_numbers(study):
     out, _, result = study
     text = (out / "ablation.md").read_text()
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("ablation.md", "ablation.json"):  # written atomically, as ordinary files
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     ablation_table, sweep_table, generation_table, claims_table = markdown_tables(text)
     rows = {row["key"]: row for row in result["tokenizer_rows"]}
     assert [cell["row"] for cell in ablation_table] == ["a", "b", "c", "d"]
-    assert [cell["row"] for cell in sweep_table] == ["k2", "d", "k8"]
+    assert [cell["row"] for cell in sweep_table] == ["d"]  # the sweep's K=4 row
     for cells in ablation_table + sweep_table:
         row = rows[cells["row"]]
         assert cells["K"] == str(row["num_bands"]) and cells["encoder"] == row["encoder"]
@@ -122,16 +135,33 @@ def test_markdown_shows_the_json_numbers(study):
             assert cells[header] == format(row[key], spec)
     assert [(c["claim"], c["reproduced"]) for c in claims_table] == \
         [(c["claim"], c["reproduced"]) for c in result["claims"]]
-    assert len(result["claims"]) == 5
+    assert len(result["claims"]) == 4  # all but the band-count sweep's
+
+
+@pytest.mark.parametrize("k8_psnr_offset, stable", [(-0.4, "yes"), (-1.1, "no")])
+def test_band_count_sweep_table_and_claim(study, k8_psnr_offset, stable):
+    _, _, result = study
+    swept = copy.deepcopy(result)
+    d = next(row for row in swept["tokenizer_rows"] if row["key"] == "d")
+    for key, psnr_offset, probe_offset in (("k2", 0.5, 0.0), ("k8", k8_psnr_offset, -0.04)):
+        row = ablation.ROWS_BY_KEY[key]
+        swept["tokenizer_rows"].append({**d, "key": key, "name": row.name, "num_bands": row.num_bands,
+                                        "heldout_psnr": d["heldout_psnr"] + psnr_offset,
+                                        "band0_probe_top1": d["band0_probe_top1"] + probe_offset})
+    claims = ablation.paper_claims(swept)
+    assert len(claims) == 5 and claims[3]["claim"].startswith("stable across K") and claims[3]["reproduced"] == stable
+    sweep_table = markdown_tables(ablation.markdown_report({**swept, "claims": claims}))[1]
+    assert [(cells["row"], cells["K"]) for cells in sweep_table] == [("k2", "2"), ("d", "4"), ("k8", "8")]
+    assert sweep_table[2]["PSNR (dB)"] == format(d["heldout_psnr"] + k8_psnr_offset, ".2f")
 
 
 def test_png_has_the_originals_then_one_labelled_row_per_tokenizer_row(study):
     out, _, result = study
-    assert result["reconstructions_png_rows"] == ["held-out", "a", "b", "c", "d", "k2", "k8"]
+    assert result["reconstructions_png_rows"] == ["held-out", "a", "b", "c", "d"]
     with Image.open(out / "reconstructions.png") as image:
         pixels = np.asarray(image.convert("RGB"))
     tile = 32
-    assert pixels.shape[0] == GRID_PADDING + 7 * (tile + CAPTION_HEIGHT + GRID_PADDING)
+    assert pixels.shape[0] == GRID_PADDING + 5 * (tile + CAPTION_HEIGHT + GRID_PADDING)
     # The first tile is the first held-out digit 0, as 8-bit levels.
     heldout = load_demo_digits("heldout", seed=SEED)
     first = heldout.images[(heldout.labels == 0).nonzero()[0, 0]]
@@ -144,8 +174,7 @@ def test_rows_are_trained_as_labelled(study):
     out, _, result = study
     rows = {row["key"]: row for row in result["tokenizer_rows"]}
     models = {key: AutoencoderUAE.from_pretrained(out / row["model_dir"]) for key, row in rows.items()}
-    assert {key: model.config.num_bands for key, model in models.items()} == \
-        {"a": 1, "b": 4, "c": 4, "d": 4, "k2": 2, "k8": 8}
+    assert {key: model.config.num_bands for key, model in models.items()} == {"a": 1, "b": 4, "c": 4, "d": 4}
 
     teacher = load_file(str(out / "work" / "teacher_encoder.safetensors"))
 
@@ -188,10 +217,10 @@ def test_imagenet256_preset_prints_accepted_commands_for_every_row(tmp_path, mon
     for key in ("a", "b", "c", "d", "k2", "k8"):
         assert f"# ({key}) " in text
     variables = set(re.findall(r"^(\w+)=\$\{\w+:-[^}]*\}", text, flags=re.M))
-    assert variables == {name for name, _, _ in ablation.IMAGENET_VARIABLES}
+    assert variables == set(ablation.IMAGENET_VARIABLES)
     values = {name: str(tmp_path / name) for name in variables} | {"NGPU": "8"}
 
-    parsers = {f"train/{name}.py": load_train_script(name).parse_args
+    parsers = {f"train/{name}.py": importlib.import_module(f"uae_gen.scripts.{name}").parse_args
                for name in ("train_tokenizer", "cache_latents", "train_dit")}
     parsers |= {f"eval/{name}.py": load_eval_script(name).parse_args
                 for name in ("evaluate_reconstruction", "linear_probe", "sample", "evaluate_generation")}

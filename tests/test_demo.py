@@ -1,16 +1,19 @@
-"""The demo end to end at a minimal budget: every output exists and loads; quality is not asserted here."""
+"""The demo end to end at a minimal budget (every output exists and loads; quality is not asserted here), and the
+pieces it shares with eval/ablation.py (uae_gen.demo_setup): how the training scripts are run, and the DiT's mixed
+precision."""
 
 import json
 import math
+import os
+import shlex
+import sys
 
 import numpy as np
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from PIL import Image
 
-from uae_gen import UAEDiTPipeline
+from uae_gen import UAEDiTPipeline, demo_setup
 from uae_gen.demo import FULL_BUDGET_STEPS, MIN_STEPS, run_demo, step_counts
 
 
@@ -25,9 +28,63 @@ def test_step_counts_scale_with_the_budget_and_clamp_below():
             step_counts(bad)
 
 
-def test_minimal_demo_writes_every_output(tmp_path):
+@pytest.mark.parametrize("capability, flags, expected", [
+    ("AVX512", {"avx512f", "avx512_bf16"}, "bf16"), ("AVX512", {"avx512f", "amx_bf16"}, "bf16"),
+    ("AVX512", None, "bf16"),  # no flag list to consult (not Linux): the capability decides
+    ("AVX512", {"avx512f"}, "no"),  # AVX-512 without native bf16 (Skylake-X .. Ice Lake, Zen 3): emulated, slower
+    ("AVX2", {"avx2", "avx512_bf16"}, "no"),  # what ATEN_CPU_CAPABILITY=avx2 makes an AVX-512 CPU report
+    ("DEFAULT", None, "no"), ("SVE256", None, "no"),
+])
+def test_dit_mixed_precision_is_bf16_only_with_native_bf16(monkeypatch, capability, flags, expected):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(demo_setup, "cpu_flags", lambda: flags)
+    assert demo_setup.dit_mixed_precision() == expected
+
+
+def test_scripts_run_as_the_readme_commands(monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo_setup, "run_command", lambda command, shown: calls.append((command, shown)))
+    demo_setup.run_script("train_dit", ["--config", "dit_tiny", "--seed", 3], launch_mixed_precision="bf16")
+    demo_setup.run_script("cache_latents", ["--vae", "v"])
+    launch = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
+              "--quiet"]
+    script = ["-m", "uae_gen.scripts.train_dit", "--config", "dit_tiny", "--seed", "3", "--mixed_precision", "bf16"]
+    assert calls == [
+        ([sys.executable, "-m", "accelerate.commands.launch", *launch, *script],
+         shlex.join(["accelerate", "launch", *launch, *script])),
+        ([sys.executable, "-m", "uae_gen.scripts.cache_latents", "--vae", "v"],
+         "python -m uae_gen.scripts.cache_latents --vae v"),
+    ]
+
+
+def test_script_environment(monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")  # the user's own setting wins
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    env = demo_setup.script_env()
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "12345"
+    assert env["MALLOC_MMAP_THRESHOLD_"] == str(32 * 1024 * 1024)
+    assert env["HF_HUB_OFFLINE"] == "1" and env["OMP_NUM_THREADS"] == str(torch.get_num_threads())
+    assert env["PATH"] == os.environ["PATH"]
+
+
+def test_a_failing_script_raises_one_error_with_the_command_and_its_stderr(capsys):
+    code = "import sys; print('x' * 20000, file=sys.stderr); print('bad flag --foo', file=sys.stderr); sys.exit(3)"
+    with pytest.raises(demo_setup.ScriptFailed) as raised:
+        demo_setup.run_command([sys.executable, "-c", code], "python -m uae_gen.scripts.nothing --foo")
+    message = str(raised.value)
+    assert message.startswith("`python -m uae_gen.scripts.nothing --foo` failed with exit status 3")
+    assert message.endswith("bad flag --foo") and len(message) < demo_setup.STDERR_TAIL_BYTES + 200
+    assert raised.value.returncode == 3
+    printed = capsys.readouterr()
+    assert printed.out == "$ python -m uae_gen.scripts.nothing --foo\n"
+    assert printed.err.endswith("bad flag --foo\n")  # passed through as it came
+
+
+def test_minimal_demo_writes_every_output(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # nothing of the repository checkout is needed
     out = tmp_path / "demo"
-    returned = run_demo(str(out), minutes=0.05, seed=1)
+    returned = run_demo("demo", minutes=0.05, seed=1)
+    printed = capsys.readouterr().out
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(returned))
@@ -40,9 +97,23 @@ def test_minimal_demo_writes_every_output(tmp_path):
     assert metrics["steps"] == step_counts(0.05)
     assert metrics["num_generated"] == 10 * MIN_STEPS["samples_per_class"]
     assert metrics["wall_time"]["total_s"] >= sum(v for k, v in metrics["wall_time"].items() if k != "total_s") - 1
-    # The demo's scripts leave no accelerate state behind: the DiT's bf16 must not become the next default.
-    assert AcceleratorState._shared_state == {} and Accelerator().mixed_precision == "no"
-    AcceleratorState._reset_state(True)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+    # The README's commands, printed as they run, and what they trained.
+    commands = [line[2:] for line in printed.splitlines() if line.startswith("$ ")]
+    assert [shlex.split(c)[:2] for c in commands] == [["accelerate", "launch"]] * 3 + [["python", "-m"]] + \
+        [["accelerate", "launch"]]
+    assert [c.split(" -m ")[-1].split()[0] for c in commands] == \
+        ["uae_gen.scripts.train_tokenizer"] * 3 + ["uae_gen.scripts.cache_latents", "uae_gen.scripts.train_dit"]
+    tokenizer = [json.loads((out / "work" / f"tokenizer-stage{k}" / "training_summary.json").read_text())
+                 for k in (1, 2, 3)]
+    assert [(s["stage"], s["global_step"]) for s in tokenizer] == [(k, metrics["steps"][f"tokenizer_{k}"])
+                                                                   for k in (1, 2, 3)]
+    dit = json.loads((out / "work" / "dit" / "training_summary.json").read_text())
+    assert dit["global_step"] == metrics["steps"]["dit"]
+    assert dit["args"]["mixed_precision"] == metrics["dit_mixed_precision"]
 
     for name in ("samples.png", "bands.png", "reconstructions.png"):
         with Image.open(out / name) as image:

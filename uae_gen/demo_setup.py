@@ -1,0 +1,277 @@
+"""What ``uae-gen demo`` (uae_gen.demo) and the small-scale ablation (eval/ablation.py) share: how they run the
+training scripts, the teacher and the judge, the step budgets, the phase timer, and the scoring helpers (latent
+probes, reconstructions, class-conditional samples).
+
+Every model except the two classifiers is trained by the package's training scripts, each in a subprocess of the
+command a user types (the README's ``accelerate launch train/train_tokenizer.py ...`` with the script as its
+installed module, so a pip install without the repository checkout runs it too)::
+
+    accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no --quiet \\
+        -m uae_gen.scripts.train_tokenizer --config tiny --stage 1 ...
+    python -m uae_gen.scripts.cache_latents --vae ... --dataset demo-digits ...
+    accelerate launch ... --mixed_precision bf16 ... -m uae_gen.scripts.train_dit --config dit_tiny ...
+
+Each command is printed before it runs and what it trained is read back from its ``training_summary.json``.
+``accelerate launch`` runs as ``python -m accelerate.commands.launch`` (what the ``accelerate`` console script
+calls) with this interpreter. The subprocesses inherit the environment with ``HF_HUB_OFFLINE=1``, this process's
+torch thread count as ``OMP_NUM_THREADS`` (accelerate launch would otherwise pin its script to one thread), and
+glibc's malloc thresholds raised (``MALLOC_ENV``; a variable already set wins).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from .data import load_demo_digits
+from .demo_classifiers import TEACHER_APPEARANCES, Judge, build_teacher, train_classifier
+from .models.autoencoder_uae import AutoencoderUAE
+from .pipelines.pipeline_uae_dit import UAEDiTPipeline
+
+# Steps of the phases every study runs alike, at the demo's default budget (see uae_gen.demo for what they cost);
+# the minimum of each (and of the DiT's) when a budget scales them down.
+SHARED_STEPS = {"teacher": 2000, "judge": 150, "samples_per_class": 20, "inference_steps": 20}
+SHARED_MIN_STEPS = {"teacher": 4, "judge": 4, "dit": 4, "samples_per_class": 2, "inference_steps": 4}
+DIT_MODEL = "DiT-mini"
+# Judge accuracy of DiT-mini samples vs training steps (CFG 7, 20 Euler steps, one latent cache): lr 2e-3 (the
+# dit_tiny config) 1000: 0.76, 1500: 0.90, 2000: 0.905, 2500: 0.92; lr 1e-3 500: 0.17, 1000: 0.46, 1500: 0.73,
+# 2000: 0.85, 3000: 0.91. CFG 7 beat 4 by 5-7 points at every step count; 10 and a (0.3, 1) guidance interval
+# did not help, nor did 40 sampler steps.
+GUIDANCE_SCALE = 7.0
+
+# glibc serves blocks above its mmap threshold (128 KiB, adapting up to 32 MiB) with fresh mmaps and trims freed
+# heap tops back to the OS, so a training step that frees and re-allocates the same activations, gradients and
+# optimiser temporaries every iteration page-faults and zeroes them again: 10-15% of a DiT-mini CPU step. These
+# tunables (glibc's documented environment variables; the same values as mallopt(M_MMAP_THRESHOLD, 32 MiB, its
+# 64-bit ceiling) and mallopt(M_TRIM_THRESHOLD, 1 GiB)) keep freed memory in the process, as jemalloc / tcmalloc
+# do; other C libraries ignore them.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+STDERR_TAIL_BYTES = 8192  # of a failed script's stderr kept for the error ...
+STDERR_TAIL_LINES = 30  # ... and the lines of it shown
+SCRIPTS = "uae_gen.scripts"
+
+
+def dit_mixed_precision() -> str:
+    """bf16 autocast (fp32 master weights) for the DiT where the CPU has native bf16 dot products: a DiT-mini
+    training step takes 153 instead of 225 ms here (AMD EPYC with avx512_bf16; fused AdamW, attention in fp32),
+    which buys the demo's DiT steps within its budget. Elsewhere bf16 is emulated and slower than fp32.
+
+    Native means: torch dispatches its AVX-512 kernels (``torch.backends.cpu.get_cpu_capability()``; an AVX2-only
+    CPU, or ``ATEN_CPU_CAPABILITY=avx2`` emulating one, reports "AVX2") and, where the kernel lists the CPU's flags
+    (/proc/cpuinfo), they include avx512_bf16 or amx_bf16 (AVX-512 CPUs before Cooper Lake / Zen 4 have neither)."""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return "no"
+    flags = cpu_flags()
+    return "bf16" if flags is None or flags & {"avx512_bf16", "amx_bf16"} else "no"
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU feature flags of /proc/cpuinfo (Linux x86), None where there is no such list."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            line = next((line for line in file if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if line is None else set(line.partition(":")[2].split())
+
+
+def scaled_step_counts(minutes: float, full_budget_steps: dict, min_steps: dict, default_minutes: float) -> dict:
+    """Training steps of each phase for a budget of `minutes`: `full_budget_steps` (the steps at
+    `default_minutes`) scaled linearly and clamped below by `min_steps`; sampler steps are never prolonged."""
+    if not (math.isfinite(minutes) and minutes > 0):
+        raise ValueError(f"minutes must be a positive number, got {minutes}")
+    scale = minutes / default_minutes
+    counts = {name: max(min_steps[name], round(steps * scale)) for name, steps in full_budget_steps.items()}
+    counts["inference_steps"] = min(counts["inference_steps"], full_budget_steps["inference_steps"])
+    return counts
+
+
+class PhaseTimer:
+    """Wall time of consecutive phases: ``lap(name)`` records the seconds since the previous lap (or the start)."""
+
+    def __init__(self):
+        self.started = self.last = time.time()
+        self.wall: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.wall[name] = round(now - self.last, 1)
+        self.last = now
+
+    def finish(self) -> dict[str, float]:
+        self.wall["total_s"] = round(time.time() - self.started, 1)
+        return self.wall
+
+
+# ---- the training scripts, as subprocesses -------------------------------------------------------------------
+
+
+class ScriptFailed(subprocess.CalledProcessError):
+    """A training script exited with an error: names the command (as printed) and shows the end of its stderr."""
+
+    def __str__(self) -> str:
+        return (f"`{self.cmd}` failed with exit status {self.returncode}; the end of its stderr:\n"
+                f"{self.stderr}")
+
+
+def script_env() -> dict[str, str]:
+    """The environment of the training subprocesses (see the module docstring)."""
+    env = {**MALLOC_ENV, **os.environ, "HF_HUB_OFFLINE": "1"}
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    return env
+
+
+def run_command(command: list[str], shown: str) -> None:
+    """Print `shown` (the command as a user types it), run `command`, pass its output through; raise ScriptFailed
+    with the end of its stderr when it fails."""
+    print(f"$ {shown}", flush=True)
+    sys.stderr.flush()
+    decoder, tail = codecs.getincrementaldecoder("utf-8")("replace"), b""
+    with subprocess.Popen(command, env=script_env(), stderr=subprocess.PIPE) as process:
+        while chunk := process.stderr.read1(65536):
+            tail = (tail + chunk)[-STDERR_TAIL_BYTES:]
+            sys.stderr.write(decoder.decode(chunk))
+            sys.stderr.flush()
+        returncode = process.wait()
+    if returncode != 0:
+        lines = [line for line in tail.decode("utf-8", "replace").replace("\r", "\n").splitlines() if line.strip()]
+        raise ScriptFailed(returncode, shown, stderr="\n".join(lines[-STDERR_TAIL_LINES:]))
+
+
+def run_script(name: str, flags: list, launch_mixed_precision: str | None = None) -> None:
+    """Run uae_gen.scripts.`name` with `flags` (str() of each): under ``accelerate launch`` (one process, every
+    launch setting given so that it warns of no default; --quiet: a failing script's error without the launcher's
+    traceback) with `launch_mixed_precision` (also passed as the script's own --mixed_precision), or with plain
+    ``python`` when it is None."""
+    script = ["-m", f"{SCRIPTS}.{name}", *(str(flag) for flag in flags)]
+    if launch_mixed_precision is None:
+        runner, shown = [], ["python"]
+    else:
+        script += ["--mixed_precision", launch_mixed_precision]
+        launch = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", launch_mixed_precision,
+                  "--dynamo_backend", "no", "--quiet"]
+        runner, shown = ["-m", "accelerate.commands.launch", *launch], ["accelerate", "launch", *launch]
+    run_command([sys.executable, *runner, *script], shlex.join(shown + script))
+
+
+def read_summary(output_dir: Path) -> dict:
+    with open(Path(output_dir) / "training_summary.json") as file:
+        return json.load(file)
+
+
+def train_tokenizer_stage(stage: int, steps: int, output_dir: Path, seed: int, teacher_file: Path,
+                          flags: tuple = ()) -> dict:
+    """One stage of the tiny tokenizer on the demo digits, from the teacher's encoder (the semantic target too),
+    validated once at the end, no checkpoints; returns its training summary."""
+    run_script("train_tokenizer", ["--config", "tiny", "--stage", stage, "--output_dir", output_dir, "--dataset",
+                                   "demo-digits", "--max_train_steps", steps, "--checkpointing_steps", steps + 1,
+                                   "--validation_steps", steps, "--seed", seed, "--pretrained_encoder",
+                                   teacher_file, *flags], launch_mixed_precision="no")
+    return read_summary(output_dir)
+
+
+def cache_latents(vae_dir: Path, output_dir: Path, seed: int) -> None:
+    """The latent cache (with its statistics) of the demo digits under the tokenizer in `vae_dir`."""
+    run_script("cache_latents", ["--vae", vae_dir, "--output_dir", output_dir, "--dataset", "demo-digits",
+                                 "--seed", seed, "--overwrite"])
+
+
+def train_dit(latent_cache: Path, output_dir: Path, steps: int, seed: int, flags: tuple = ()) -> UAEDiTPipeline:
+    """A DIT_MODEL on `latent_cache` (dit_tiny preset, bf16 autocast where native), validated once at the end,
+    no checkpoints; returns its pipeline (output_dir/pipeline) with the progress bar off."""
+    run_script("train_dit", ["--config", "dit_tiny", "--model", DIT_MODEL, "--latent_cache", latent_cache,
+                             "--output_dir", output_dir, "--max_train_steps", steps, "--checkpointing_steps",
+                             steps + 1, "--validation_steps", steps, "--seed", seed, *flags],
+               launch_mixed_precision=dit_mixed_precision())
+    pipe = UAEDiTPipeline.from_pretrained(Path(output_dir) / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---- the teacher and the judge --------------------------------------------------------------------------------
+
+
+def train_teacher(train, steps: int, seed: int, path: Path):
+    """The teacher classifier, trained on every training digit in TEACHER_APPEARANCES renderings; its encoder's
+    weights are saved to `path` (a --pretrained_encoder file)."""
+    renderings = [train] + [load_demo_digits("train", seed=seed + k) for k in range(1, TEACHER_APPEARANCES)]
+    images = torch.cat([split.images for split in renderings])
+    labels = torch.cat([split.labels for split in renderings])
+    teacher = train_classifier(build_teacher(train.num_classes), images, labels, steps, seed=seed,
+                               description="teacher")
+    save_file({k: v.contiguous() for k, v in teacher.encoder.backbone.state_dict().items()}, str(path))
+    return teacher
+
+
+def train_teacher_and_judge(work: Path, steps: dict, seed: int, timer: PhaseTimer):
+    """The demo data splits, the teacher (its encoder saved to work/teacher_encoder.safetensors) and the judge:
+    (train, heldout, teacher, teacher_file, judge)."""
+    train, heldout = load_demo_digits("train", seed=seed), load_demo_digits("heldout", seed=seed)
+    teacher_file = work / "teacher_encoder.safetensors"
+    teacher = train_teacher(train, steps["teacher"], seed, teacher_file)
+    timer.lap("teacher_s")
+    judge = train_classifier(Judge(train.num_classes), train.images, train.labels, steps["judge"], seed=seed,
+                             description="judge")
+    timer.lap("judge_s")
+    return train, heldout, teacher, teacher_file, judge
+
+
+# ---- scoring --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def raw_latents(vae: AutoencoderUAE, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    return torch.cat([vae.encode_raw(chunk) for chunk in images.split(batch_size)])
+
+
+def probe_features(z: torch.Tensor) -> np.ndarray:
+    """2x2-average-pooled raw latent (or band of it), flattened: (N, C * h/2 * w/2)."""
+    return F.avg_pool2d(z, 2).flatten(1).numpy()
+
+
+def linear_probe_top1(train_features, train_labels, test_features, test_labels) -> float:
+    """Held-out top-1 of a standardised multinomial logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=0.1))
+    probe.fit(train_features, train_labels.numpy())
+    return float(probe.score(test_features, test_labels.numpy()))
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderUAE, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """Eval-mode reconstructions in [-1, 1] (clamped)."""
+    return torch.cat([vae.decode_raw(vae.encode_raw(c))[0] for c in images.split(batch_size)]).clamp(-1, 1)
+
+
+def generate(pipe: UAEDiTPipeline, num_classes: int, per_class: int, inference_steps: int, seed: int):
+    """(images in [-1, 1] ordered class by class, their labels, band previews of the first sample of each class)."""
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    generator = torch.Generator().manual_seed(seed)
+    output = pipe(class_labels=labels.tolist(), guidance_scale=GUIDANCE_SCALE, num_inference_steps=inference_steps,
+                  generator=generator, output_type="pt", return_band_previews=True)
+    first_of_class = labels.new_tensor([k * per_class for k in range(num_classes)])
+    previews = torch.cat([p[first_of_class] for p in output.band_previews] + [output.images[first_of_class]])
+    return output.images * 2 - 1, labels, previews
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text` through a temp file and an atomic rename (a reader never sees half a file), with the
+    permissions of an ordinary new file (0666 less the umask)."""
+    temp = Path(f"{path}.tmp")
+    temp.write_text(text)
+    os.replace(temp, path)
