@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from uae_gen import UAEDiTPipeline, demo_setup
+from uae_gen import UAEDiTPipeline, cli, demo_setup
 from uae_gen.demo import FULL_BUDGET_STEPS, MIN_STEPS, run_demo, step_counts
 
 
@@ -78,6 +78,18 @@ def test_a_failing_script_raises_one_error_with_the_command_and_its_stderr(capsy
     printed = capsys.readouterr()
     assert printed.out == "$ python -m uae_gen.scripts.nothing --foo\n"
     assert printed.err.endswith("bad flag --foo\n")  # passed through as it came
+
+
+def test_uae_gen_demo_reports_a_failed_script_in_one_message(monkeypatch, capsys):
+    def failing_demo(**kwargs):
+        raise demo_setup.ScriptFailed(1, "accelerate launch -m uae_gen.scripts.train_dit", stderr="ValueError: no")
+
+    monkeypatch.setattr("uae_gen.demo.run_demo", failing_demo)
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["demo", "--minutes", "1"])
+    assert raised.value.code == 2
+    assert capsys.readouterr().err == "uae-gen demo: error: `accelerate launch -m uae_gen.scripts.train_dit` failed " \
+        "with exit status 1; the end of its stderr:\nValueError: no\n"
 
 
 def test_minimal_demo_writes_every_output(tmp_path, monkeypatch, capsys):

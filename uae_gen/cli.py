@@ -4,6 +4,7 @@ grid from a pipeline directory) and ``convert`` (released checkpoints -> uae_gen
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 
 
@@ -102,7 +103,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, subprocess.CalledProcessError) as error:  # the last: a training script
         print(f"uae-gen {args.command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
 
