@@ -150,6 +150,11 @@ class UAEDiTPipeline(DiffusionPipeline):
                 raise ValueError(f"class_labels[{position}] = {label!r} is neither an integer class id nor a name")
             elif not 0 <= label < num_classes:
                 raise ValueError(f"class label {label} out of range: this model has classes 0..{num_classes - 1}")
+        model_times = self.transformer.config.num_time_embeddings
+        schedule_times = self.scheduler.band_schedule.num_model_times
+        if model_times != schedule_times:
+            raise ValueError(f"the transformer takes num_time_embeddings={model_times} times but the scheduler's band "
+                             f"schedule gives {schedule_times} (band_clock={self.scheduler.config.band_clock!r})")
         lowpass, tokens = self.vae.config.dct_lowpass_coefficients, self.transformer.config.frequency_tokens
         if tokens is not None and tokens != lowpass:
             raise ValueError(f"the transformer runs on frequency_tokens={tokens} DCT coefficients but the autoencoder's "
@@ -214,8 +219,12 @@ class UAEDiTPipeline(DiffusionPipeline):
         return latents if count is None else self.vae.lowpass(latents, count)
 
     def _model_fn(self, transformer: UAEDiT) -> Callable:
+        # Shifted band clocks: the model sees the K band times and each band's drift stops outside its window.
+        schedule = self.scheduler.band_schedule
+
         def velocity(x, t, labels):
-            return transformer(x.to(transformer.dtype), t, labels).sample.to(x.dtype)
+            v = transformer(x.to(transformer.dtype), schedule.model_times(t), labels).sample.to(x.dtype)
+            return schedule.mask_drift(v, t, self.vae.split_bands)
 
         return velocity
 

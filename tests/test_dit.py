@@ -334,3 +334,22 @@ def test_frequency_tokens_save_reload_and_validation(tmp_path):
             UAEDiT.from_preset("DiT-tiny", **TINY, frequency_tokens=bad)
     with pytest.raises(ValueError, match="frequency_tokens needs patch_size 1.*got 2"):
         UAEDiT.from_preset("DiT-tiny", **TINY, patch_size=2, frequency_tokens=16)
+
+
+@pytest.mark.parametrize("preset", ["DiT-tiny", "DiT-DH-tiny"])
+def test_one_time_embedding_per_band_clock(preset):
+    model = perturbed(UAEDiT.from_preset(preset, **TINY, num_time_embeddings=4)).eval()
+    sample, _, labels = inputs(model)
+    times = torch.tensor([[0.9, 1.0, 1.0, 1.0], [0.2, 0.5, 0.7, 0.9], [0.0, 0.0, 0.1, 0.3]])
+    velocity = model(sample, times, labels).sample
+    assert velocity.shape == sample.shape
+    # each band's clock is seen: changing one band's time changes the output
+    for k in range(4):
+        moved = times.clone()
+        moved[:, k] += 0.05
+        assert (model(sample, moved, labels).sample - velocity).abs().max() > 1e-4, k
+    assert torch.equal(model(sample, 0.5, labels).sample, model(sample, torch.full((3, 4), 0.5), labels).sample)
+    with pytest.raises(ValueError, match=r"timestep must be a scalar or shaped \(3, 4\): one time per band clock"):
+        model(sample, torch.rand(3), labels)
+    with pytest.raises(ValueError, match="num_time_embeddings must be >= 1 and divide hidden_size 64; got 3"):
+        UAEDiT.from_preset(preset, **TINY, num_time_embeddings=3)

@@ -107,6 +107,72 @@ def test_uniform_band_schedule_is_plain_flow_matching(split_bands):
     assert torch.equal(schedule.velocity_target(x, noise, t, split_bands), velocity_target(x, noise))
 
 
+def test_shifted_clocks_move_each_band_at_rate_one_in_its_window(split_bands):
+    schedule = BandSchedule(num_bands=NUM_BANDS, stagger=0.4, clock="shifted")
+    assert schedule.horizon == pytest.approx(1.4) and schedule.num_model_times == NUM_BANDS
+    tau = torch.tensor([1.4, 1.2, 0.9, 0.3, 0.1, 0.0], dtype=torch.float64)
+    expected = (tau[:, None] - torch.tensor([0.4, 0.2, 0.0], dtype=torch.float64)).clamp(0, 1)
+    torch.testing.assert_close(schedule.band_times(tau), expected, rtol=0, atol=1e-12)
+    # band 0 moves in (0.4, 1.4], the highest band in (0, 1]; rate 1 inside, 0 outside
+    torch.testing.assert_close(schedule.band_rates(tau), ((expected > 0) & (tau[:, None] - torch.tensor(
+        [0.4, 0.2, 0.0], dtype=torch.float64) <= 1)).double())
+    assert schedule.band_window(0) == pytest.approx((0.4, 1.4)) and schedule.band_window(2) == pytest.approx((0, 1))
+    g = torch.Generator().manual_seed(5)
+    x, noise = torch.randn(2, 6, *SHAPE, generator=g, dtype=torch.float64)
+    t_k = schedule.band_times(tau)[:, :, None, None, None]
+    path = ((1 - t_k) * split_bands(x) + t_k * split_bands(noise)).sum(1)
+    torch.testing.assert_close(schedule.interpolate(x, noise, tau, split_bands), path, atol=1e-6, rtol=0)
+    inner = torch.tensor([1.3, 1.1, 0.7, 0.3, 0.1], dtype=torch.float64)  # away from the window edges
+    derivative = finite_difference(lambda s: schedule.interpolate(x[:5], noise[:5], s, split_bands), inner)
+    torch.testing.assert_close(schedule.velocity_target(x[:5], noise[:5], inner, split_bands), derivative,
+                               atol=1e-7, rtol=0)
+    # drift masking: a band outside its window keeps none of the model's velocity
+    velocity = torch.randn(6, *SHAPE, generator=g, dtype=torch.float64)
+    rates = schedule.band_rates(tau)[:, :, None, None, None]
+    masked = (rates * split_bands(velocity)).sum(1)
+    torch.testing.assert_close(schedule.mask_drift(velocity, tau, split_bands), masked, atol=1e-6, rtol=0)
+    # at the start only band 0 moves; at tau = 0 nothing does
+    torch.testing.assert_close(masked[0], split_bands(velocity)[0, 0], atol=0, rtol=0)
+    assert masked[-1].abs().max() == 0
+    assert schedule.time_grid(5, dtype=torch.float64)[0] == pytest.approx(1.4)
+
+
+def test_shifted_clocks_without_offsets_are_plain_flow_matching(split_bands):
+    g = torch.Generator().manual_seed(6)
+    x, noise, velocity = torch.randn(3, 5, *SHAPE, generator=g)
+    t = torch.rand(5, generator=g)
+    shifted, plain = BandSchedule(num_bands=NUM_BANDS, clock="shifted", shift=2.0), BandSchedule(shift=2.0)
+    assert shifted.num_model_times == 1 and shifted.horizon == 1.0
+    assert torch.equal(shifted.model_times(t), t) and torch.equal(shifted.mask_drift(velocity, t, split_bands), velocity)
+    assert torch.equal(shifted.interpolate(x, noise, t, split_bands), interpolate(x, noise, t))
+    assert torch.equal(shifted.velocity_target(x, noise, t, split_bands), velocity_target(x, noise))
+    assert torch.equal(shifted.time_grid(11), plain.time_grid(11))
+    assert torch.equal(shifted.sample_time(7, generator=torch.Generator().manual_seed(1)),
+                       plain.sample_time(7, generator=torch.Generator().manual_seed(1)))
+
+
+def test_band0_loss_weight(split_bands):
+    x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    labels = torch.arange(4)
+    zero = lambda x_t, t, y: torch.zeros_like(x_t)  # noqa: E731: the residual is minus the target
+    schedule = BandSchedule(num_bands=NUM_BANDS)
+    plain = flow_matching_loss(zero, x, labels, schedule, generator=torch.Generator().manual_seed(8))
+    same = flow_matching_loss(zero, x, labels, schedule, split_bands, generator=torch.Generator().manual_seed(8),
+                              band0_weight=1.0)
+    assert torch.equal(plain.per_sample_loss, same.per_sample_loss)
+    weighted = flow_matching_loss(zero, x, labels, schedule, split_bands, generator=torch.Generator().manual_seed(8),
+                                  band0_weight=2.0)
+    replay = torch.Generator().manual_seed(8)
+    t = schedule.sample_time(4, generator=replay).double()
+    target = schedule.velocity_target(x, torch.randn(x.shape, generator=replay, dtype=x.dtype), t, split_bands)
+    residual = -target + (math.sqrt(2.0) - 1) * split_bands(-target)[:, 0]
+    torch.testing.assert_close(weighted.per_sample_loss.double(), residual.pow(2).flatten(1).mean(1))
+    assert (weighted.loss - plain.loss).abs() > 1e-3
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="band0_weight must be positive"):
+            flow_matching_loss(zero, x, labels, schedule, split_bands, band0_weight=bad)
+
+
 def test_band_schedule_rejects_bad_input(split_bands):
     with pytest.raises(ValueError, match="stagger"):
         BandSchedule(num_bands=3, stagger=1.0)
@@ -114,6 +180,10 @@ def test_band_schedule_rejects_bad_input(split_bands):
         BandSchedule(num_bands=0)
     with pytest.raises(ValueError, match="ramp"):
         BandSchedule(num_bands=3, stagger=0.5, ramp="cosine")
+    with pytest.raises(ValueError, match="clock must be one of .*'sliding'"):
+        BandSchedule(num_bands=3, stagger=0.5, clock="sliding")
+    with pytest.raises(ValueError, match="stagger must lie in \\[0, 1\\), got -0.1"):
+        BandSchedule(num_bands=3, stagger=-0.1, clock="shifted")
     x = torch.zeros(2, *SHAPE)
     with pytest.raises(ValueError, match="split_bands"):
         BandSchedule(num_bands=3, stagger=0.5).interpolate(x, x, torch.ones(2))
@@ -256,6 +326,7 @@ SCHEDULES = {
     "uniform": BandSchedule(num_bands=1, shift=2.0),
     "bands_smooth": BandSchedule(num_bands=NUM_BANDS, stagger=0.6, ramp="smooth", shift=2.0),
     "bands_linear": BandSchedule(num_bands=NUM_BANDS, stagger=0.6, ramp="linear", shift=2.0),
+    "bands_shifted": BandSchedule(num_bands=NUM_BANDS, stagger=0.6, shift=2.0, clock="shifted"),
 }
 
 

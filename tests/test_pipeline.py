@@ -383,3 +383,33 @@ def test_frequency_tokens_must_match_the_latent(vae_coefficients, model_tokens):
     pipe = frequency_limited_pipeline(vae_coefficients, model_tokens)
     with pytest.raises(ValueError, match=f"frequency_tokens={model_tokens}.*dct_lowpass_coefficients={vae_coefficients}"):
         pipe(class_labels=[1], num_inference_steps=2)
+
+
+def test_shifted_band_clocks_condition_on_band_times_and_mask_drift():
+    torch.manual_seed(0)
+    vae = AutoencoderUAE.from_preset("tiny").eval()
+    transformer = UAEDiT.from_preset("DiT-tiny", in_channels=64, sample_size=8, num_classes=10,
+                                     num_time_embeddings=4).eval()
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    scheduler = FlowMatchBandScheduler(latent_dim=64 * 8 * 8, num_bands=4, band_stagger=0.3, band_clock="shifted")
+    pipe = UAEDiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    transformer.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
+    start = torch.randn(1, 64, 8, 8, generator=seeded())
+    steps = []
+    latents = pipe(class_labels=[3], num_inference_steps=4, output_type="latent", latents=start,
+                   callback_on_step_end=lambda p, i, t, kw: steps.append(kw["latents"]) or {}).images
+    assert seen[0].shape == (1, 4) and seen[0][0].tolist() == pytest.approx([1.0, 1.0, 1.0, 1.0])
+    assert scheduler.timesteps[0] == pytest.approx(1.3)
+    # the first step runs before bands 1-3 start: only band 0 of the state moves (the smooth band masks overlap
+    # their neighbours, so band 1 of the move holds band 0's edge; bands 2 and 3 hold nothing)
+    moved = vae.split_bands(steps[0] - start)[0]
+    assert moved[0].abs().max() > 1e-2 and moved[2:].abs().max() < 1e-5
+    assert torch.isfinite(latents).all()
+    # a model with one time embedding does not fit this schedule
+    plain = UAEDiTPipeline(transformer=tiny_pipeline().transformer, vae=vae, scheduler=scheduler)
+    with pytest.raises(ValueError, match="num_time_embeddings=1 .* schedule gives 4"):
+        plain(class_labels=[1], num_inference_steps=2)

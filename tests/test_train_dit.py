@@ -249,3 +249,18 @@ def test_frequency_limited_latent_bad_input(data, tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         train_dit.main(train_dit.parse_args(tiny_args(data, tmp_path / "bad", "--max_train_steps", "1", *extra)))
     assert not (tmp_path / "bad" / "pipeline").exists()
+
+
+def test_shifted_band_clocks(data, tmp_path):
+    out = tmp_path / "shifted"
+    summary = train_dit.main(train_dit.parse_args(tiny_args(
+        data, out, "--max_train_steps", "2", "--band_clock", "shifted", "--band_stagger", "0.3",
+        "--band0_loss_weight", "2")))
+    assert summary["global_step"] == 2
+    pipe = UAEDiTPipeline.from_pretrained(out / "pipeline")
+    assert pipe.scheduler.config.band_clock == "shifted" and pipe.scheduler.band_schedule.horizon == pytest.approx(1.3)
+    assert pipe.transformer.config.num_time_embeddings == pipe.vae.config.num_bands == 4
+    images = pipe(class_labels=[0], num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 32, 32, 3)
+    with pytest.raises(ValueError, match="--band0_loss_weight must be positive, got 0.0"):
+        train_dit.parse_args(tiny_args(data, out, "--band0_loss_weight", "0"))

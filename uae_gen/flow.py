@@ -24,6 +24,12 @@ velocity is continuous in t.
 
 The dimension-dependent time shift t' = alpha t / (1 + (alpha - 1) t), alpha = sqrt(latent_dim / 4096), is applied
 to the global t (training samples and the sampler grid) before the band ramps; the model sees the shifted t.
+
+Shifted clocks (``clock="shifted"``, Semantic-First Diffusion's form): the clocks are shifted, not compressed. The
+global time tau runs over [0, 1 + d_0] and band k has t_k = clamp(tau - d_k, 0, 1): every band moves at rate 1 inside
+its own window (0 < tau - d_k <= 1) and stands still outside it, band 0 first. The model sees the K band times (one
+time embedding each), and the sampler masks each band's drift outside its window, so a finished band stays put.
+With all offsets 0 both clocks are plain flow matching.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x, t of shape (B,), cla
 
 TIME_DISTRIBUTIONS = ("logit_normal", "uniform")
 RAMPS = ("smooth", "linear")
+BAND_CLOCKS = ("compressed", "shifted")
 
 
 def _per_sample(t: Tensor, like: Tensor) -> Tensor:
@@ -121,12 +128,15 @@ class BandSchedule:
         stagger: d_0 in [0, 1): band 0 is clean for t <= stagger. 0 = plain flow matching.
         ramp: "smooth" (C1 at the start of each ramp) or "linear" (clamped linear ramps).
         shift: alpha of the dimension-dependent time shift applied to sampled training times and the sampler grid.
+        clock: "compressed" (band k's clock squeezed into [d_k, 1], the model sees the global t) or "shifted"
+            (band k's clock is tau - d_k over a global time [0, 1 + d_0]; the model sees the K band times).
     """
 
     num_bands: int = 1
     stagger: float = 0.0
     ramp: str = "smooth"
     shift: float = 1.0
+    clock: str = "compressed"
 
     def __post_init__(self):
         if self.num_bands < 1:
@@ -139,10 +149,22 @@ class BandSchedule:
             raise ValueError(f"ramp must be one of {RAMPS}, got {self.ramp!r}")
         if self.shift <= 0:
             raise ValueError(f"shift must be positive, got {self.shift}")
+        if self.clock not in BAND_CLOCKS:
+            raise ValueError(f"clock must be one of {BAND_CLOCKS}, got {self.clock!r}")
 
     @property
     def is_staggered(self) -> bool:
         return self.stagger > 0.0
+
+    @property
+    def horizon(self) -> float:
+        """The global time runs from ``horizon`` (all noise) down to 0: 1 + d_0 for shifted clocks, else 1."""
+        return 1.0 + self.stagger if self.clock == "shifted" else 1.0
+
+    @property
+    def num_model_times(self) -> int:
+        """How many times the model is conditioned on: K band times for staggered shifted clocks, else 1."""
+        return self.num_bands if self.clock == "shifted" and self.is_staggered else 1
 
     def band_offsets(self, device=None, dtype=torch.float32) -> Tensor:
         """d_k (K,): stagger for band 0 down to 0 for the highest band."""
@@ -158,14 +180,36 @@ class BandSchedule:
         return s, ds, (d > 0) & (self.ramp == "smooth")
 
     def band_times(self, t: Tensor) -> Tensor:
-        """t_k = g_k(t): (B,) -> (B, K)."""
+        """t_k: (B,) -> (B, K); g_k(t) for compressed clocks, clamp(t - d_k, 0, 1) for shifted ones."""
+        if self.clock == "shifted":
+            return (t[:, None] - self.band_offsets(t.device, t.dtype)).clamp(0.0, 1.0)
         s, _, smooth = self._ramp_position(t)
         return torch.where(smooth, s * s * (2 - s), s)
 
     def band_rates(self, t: Tensor) -> Tensor:
-        """g_k'(t): (B,) -> (B, K); 0 where band k is already clean."""
+        """dt_k/dt: (B,) -> (B, K); 0 where band k is clean (and, for shifted clocks, where it has not started)."""
+        if self.clock == "shifted":
+            local = t[:, None] - self.band_offsets(t.device, t.dtype)
+            return ((local > 0) & (local <= 1)).to(t.dtype)
         s, ds, smooth = self._ramp_position(t)
         return torch.where(smooth, s * (4 - 3 * s) * ds, ds)
+
+    def band_window(self, k: int) -> Tuple[float, float]:
+        """(lo, hi) of global time in which band k moves: (d_k, 1 + d_k) for shifted clocks, (d_k, 1) for compressed
+        ones; e.g. a guidance interval that follows band 0."""
+        offset = float(self.band_offsets(dtype=torch.float64)[k])
+        return (offset, offset + 1.0) if self.clock == "shifted" else (offset, 1.0)
+
+    def model_times(self, t: Tensor) -> Tensor:
+        """What the model is conditioned on: the K band times (B, K) for staggered shifted clocks, else t (B,)."""
+        return self.band_times(t) if self.num_model_times > 1 else t
+
+    def mask_drift(self, velocity: Tensor, t: Tensor, split_bands: Optional[SplitBands] = None) -> Tensor:
+        """Shifted clocks: each band's part of ``velocity`` outside its window is dropped (a finished band stays
+        put, a waiting one stays noise). Identity otherwise."""
+        if self.num_model_times == 1:
+            return velocity
+        return velocity + self._band_correction(self.band_rates(t) - 1, velocity, split_bands)
 
     def _band_correction(self, coefficients: Tensor, difference: Tensor, split_bands: Optional[SplitBands]) -> Tensor:
         """sum_k c_k * band_k(difference) for per-sample coefficients c (B, K)."""
@@ -193,12 +237,13 @@ class BandSchedule:
         return target + self._band_correction(self.band_rates(t) - 1, noise - x, split_bands)
 
     def sample_time(self, batch_size: int, distribution: str = "logit_normal", **kwargs) -> Tensor:
-        """Shifted training times; kwargs go to :func:`sample_time` (t_max, mean, std, generator, device)."""
-        return shift_time(sample_time(batch_size, distribution, **kwargs), self.shift)
+        """Shifted training times in [0, horizon]; kwargs go to :func:`sample_time` (t_max, mean, std, generator,
+        device)."""
+        return shift_time(sample_time(batch_size, distribution, **kwargs), self.shift) * self.horizon
 
     def time_grid(self, num_points: int, final_time: float = 0.999, device=None, dtype=torch.float32) -> Tensor:
-        """The shifted sampler grid with ``num_points`` points (num_points - 1 steps)."""
-        return shifted_time_grid(num_points, self.shift, final_time, device, dtype)
+        """The shifted sampler grid with ``num_points`` points (num_points - 1 steps), from ``horizon`` down."""
+        return shifted_time_grid(num_points, self.shift, final_time, device, dtype) * self.horizon
 
 
 @dataclass
@@ -219,19 +264,29 @@ def flow_matching_loss(
     time_distribution: str = "logit_normal",
     generator: Optional[torch.Generator] = None,
     noise_projection: Optional[Callable[[Tensor], Tensor]] = None,
+    band0_weight: float = 1.0,
 ) -> FlowMatchingLossOutput:
-    """Sample t and eps, build x_t on the schedule, regress the model's velocity on the target (no weighting).
+    """Sample t and eps, build x_t on the schedule, regress the model's velocity on the target.
 
-    ``noise_projection`` maps eps into the subspace x lies in (a frequency-token model's low-pass), so x_t and the
-    target stay there and the loss holds no part the model cannot see."""
+    The model gets ``schedule.model_times(t)`` (the band times for shifted clocks). ``band0_weight`` w scales band
+    0's share of the error: the residual r becomes r + (sqrt(w) - 1) band_0(r), so w = 1 is the plain loss (SFD
+    weights its semantic stream 2). ``noise_projection`` maps eps into the subspace x lies in (a frequency-token
+    model's low-pass), so x_t and the target stay there and the loss holds no part the model cannot see."""
+    if band0_weight <= 0:
+        raise ValueError(f"band0_weight must be positive, got {band0_weight}")
     t = schedule.sample_time(x.shape[0], time_distribution, generator=generator, device=x.device).to(x.dtype)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     if noise_projection is not None:
         noise = noise_projection(noise)
     x_t = schedule.interpolate(x, noise, t, split_bands)
     target = schedule.velocity_target(x, noise, t, split_bands)
-    prediction = model_fn(x_t, t, class_labels)
-    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    prediction = model_fn(x_t, schedule.model_times(t), class_labels)
+    residual = prediction.float() - target.float()
+    if band0_weight != 1.0:
+        if split_bands is None:
+            raise ValueError("a band 0 loss weight needs split_bands")
+        residual = residual + (math.sqrt(band0_weight) - 1) * split_bands(residual)[:, 0]
+    per_sample = residual.pow(2).flatten(1).mean(1)
     return FlowMatchingLossOutput(loss=per_sample.mean(), per_sample_loss=per_sample, timesteps=t)
 
 
@@ -382,13 +437,15 @@ class FlowMatchBandSchedulerOutput(BaseOutput):
 class FlowMatchBandScheduler(SchedulerMixin, ConfigMixin):
     """Flow-matching scheduler for the band-progressive UAE latent.
 
-    The band schedule only shapes the training target; sampling integrates the learned velocity, so the solver
-    itself never needs the band split. The scheduler stores the schedule (``band_schedule``, also used by the
-    trainer) and the sampler settings.
+    The band schedule shapes the training target. Sampling integrates the learned velocity; for shifted clocks
+    the caller conditions the model on ``band_schedule.model_times(t)`` and masks its drift with
+    ``band_schedule.mask_drift`` (the pipeline does both), so the solvers themselves never need the band split.
+    The scheduler stores the schedule (``band_schedule``, also used by the trainer) and the sampler settings.
 
     Grid: ``set_timesteps(N)`` builds the official grid shift(1 - linspace(0, final_time, N + 1)) in
-    ``time_grid`` (N + 1 points); ``timesteps`` are its first N points, the times at which the model is
-    evaluated, floats in [0, 1] with 1 = noise. The official "50 grid points" sampler is N = 49.
+    ``time_grid`` (N + 1 points; times the schedule's horizon for shifted clocks); ``timesteps`` are its first N
+    points, the times at which the model is evaluated, floats in [0, horizon] with horizon = noise. The official
+    "50 grid points" sampler is N = 49.
 
     Two ways to step (diffusers' ``step`` receives one model output, which cannot drive a multi-stage solver):
 
@@ -406,7 +463,7 @@ class FlowMatchBandScheduler(SchedulerMixin, ConfigMixin):
         shift: alpha of the time shift. None = ``dimension_shift(latent_dim, base_dim)``, or 1 if no latent_dim.
         latent_dim, base_dim: C*h*w of the latent and the reference dimension (4096) for the shift.
         solver: "euler" | "heun" | "rk4".
-        num_bands, band_stagger, band_ramp: the band-progressive schedule (see :class:`BandSchedule`).
+        num_bands, band_stagger, band_ramp, band_clock: the band-progressive schedule (see :class:`BandSchedule`).
         final_time: the grid runs from t = 1 to shift(1 - final_time) (official 0.999).
     """
 
@@ -424,6 +481,7 @@ class FlowMatchBandScheduler(SchedulerMixin, ConfigMixin):
         band_stagger: float = 0.0,
         band_ramp: str = "smooth",
         final_time: float = 0.999,
+        band_clock: str = "compressed",
     ):
         if shift is not None and latent_dim is not None:
             raise ValueError("give either shift or latent_dim (which derives the shift), not both")
@@ -432,7 +490,7 @@ class FlowMatchBandScheduler(SchedulerMixin, ConfigMixin):
         if not 0.0 < final_time <= 1.0:
             raise ValueError(f"final_time must lie in (0, 1], got {final_time}")
         alpha = dimension_shift(latent_dim, base_dim) if latent_dim is not None else (1.0 if shift is None else shift)
-        self.band_schedule = BandSchedule(num_bands, band_stagger, band_ramp, alpha)
+        self.band_schedule = BandSchedule(num_bands, band_stagger, band_ramp, alpha, band_clock)
         self.num_inference_steps: Optional[int] = None
         self.time_grid: Optional[Tensor] = None
         self.timesteps: Optional[Tensor] = None

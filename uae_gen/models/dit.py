@@ -102,6 +102,19 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
+class BandTimestepEmbedder(nn.Module):
+    """One TimestepEmbedder of width hidden/K per band clock, concatenated (Semantic-First Diffusion's per-stream
+    time embeddings): t (B, K) -> (B, hidden)."""
+
+    def __init__(self, hidden_size: int, num_times: int, embedding_type: str):
+        super().__init__()
+        self.embedders = nn.ModuleList(
+            TimestepEmbedder(hidden_size // num_times, embedding_type) for _ in range(num_times))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([embed(t[:, k]) for k, embed in enumerate(self.embedders)], dim=-1)
+
+
 class LabelEmbedder(nn.Module):
     """Class embedding with one extra row, id `num_classes`, for the null label of classifier-free guidance.
     While training, labels are replaced by the null id with probability `dropout_prob`."""
@@ -254,6 +267,7 @@ class UAEDiT(ModelMixin, ConfigMixin):
         time_embedding_type: str = "gaussian_fourier",
         attention_backend: str = "sdpa",
         frequency_tokens: int | None = None,
+        num_time_embeddings: int = 1,
     ):
         super().__init__()
         check_attention_backend(attention_backend)
@@ -271,6 +285,9 @@ class UAEDiT(ModelMixin, ConfigMixin):
             if width % heads or (use_rope and (width // heads) % 4):
                 raise ValueError(f"{name} width {width} must split into {heads} heads "
                                  "(head_dim divisible by 4 for RoPE)")
+        if num_time_embeddings < 1 or hidden_size % num_time_embeddings:
+            raise ValueError(f"num_time_embeddings must be >= 1 and divide hidden_size {hidden_size}; "
+                             f"got {num_time_embeddings}")
         if frequency_tokens is not None and patch_size != 1:
             raise ValueError(f"frequency_tokens needs patch_size 1 (one token per coefficient); got {patch_size}")
         if use_pos_embed and hidden_size % 4:
@@ -286,7 +303,8 @@ class UAEDiT(ModelMixin, ConfigMixin):
         self.frequency_layout = None if frequency_tokens is None else LowFrequencyTokens(grid, grid, frequency_tokens)
         positions = None if self.frequency_layout is None else self.frequency_layout.indices
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
-        self.t_embedder = TimestepEmbedder(hidden_size, time_embedding_type)
+        self.t_embedder = (TimestepEmbedder(hidden_size, time_embedding_type) if num_time_embeddings == 1 else
+                           BandTimestepEmbedder(hidden_size, num_time_embeddings, time_embedding_type))
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         if use_pos_embed:
             pos_embed = _at_positions(sincos_pos_embed_2d(hidden_size, grid), positions)
@@ -323,8 +341,10 @@ class UAEDiT(ModelMixin, ConfigMixin):
             nn.init.xavier_uniform_(embedder.weight.view(embedder.weight.shape[0], -1))
             nn.init.zeros_(embedder.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for module in self.t_embedder.modules():
+            if isinstance(module, TimestepEmbedder):
+                nn.init.normal_(module.mlp[0].weight, std=0.02)
+                nn.init.normal_(module.mlp[2].weight, std=0.02)
         for block in list(self.blocks) + list(self.head_blocks if self.has_head else []):
             nn.init.zeros_(block.adaLN_modulation.weight)
             nn.init.zeros_(block.adaLN_modulation.bias)
@@ -333,8 +353,9 @@ class UAEDiT(ModelMixin, ConfigMixin):
             nn.init.zeros_(layer.bias)
 
     def forward(self, sample: torch.Tensor, timestep, class_labels, return_dict: bool = True):
-        """sample (B, C, H, W) noisy latent, timestep float (B,) or scalar in [0, 1] (1 = noise),
-        class_labels int (B,) in [0, num_classes]. Returns the velocity eps - x, shaped like `sample`.
+        """sample (B, C, H, W) noisy latent, timestep float (B,) or scalar in [0, 1] (1 = noise) — or (B, K) band
+        times when the model has K = num_time_embeddings > 1 — and class_labels int (B,) in [0, num_classes].
+        Returns the velocity eps - x, shaped like `sample`.
 
         Only shapes and dtypes are checked here: a check of label values would make the host wait for the device on
         every step, so callers (the pipeline) validate labels once."""
@@ -366,13 +387,16 @@ class UAEDiT(ModelMixin, ConfigMixin):
         if height != config.sample_size or width != config.sample_size:
             raise ValueError(f"sample spatial size {height}x{width} differs from sample_size {config.sample_size} "
                              "that the position embeddings were built for")
+        times = config.num_time_embeddings
+        shape = (batch,) if times == 1 else (batch, times)
         if isinstance(timestep, (int, float)):
-            timestep = torch.full((batch,), float(timestep), device=sample.device)  # filled on the device, no copy
+            timestep = torch.full(shape, float(timestep), device=sample.device)  # filled on the device, no copy
         else:
             timestep = torch.as_tensor(timestep, device=sample.device)
-            timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep
-        if timestep.shape != (batch,):
-            raise ValueError(f"timestep must be a scalar or shaped ({batch},); got {tuple(timestep.shape)}")
+            timestep = timestep.expand(shape) if timestep.ndim == 0 else timestep
+        if timestep.shape != shape:
+            expected = f"({batch},)" if times == 1 else f"({batch}, {times}): one time per band clock"
+            raise ValueError(f"timestep must be a scalar or shaped {expected}; got {tuple(timestep.shape)}")
         class_labels = torch.as_tensor(class_labels, device=sample.device)
         if class_labels.shape != (batch,) or class_labels.is_floating_point():
             raise ValueError(f"class_labels must be integers shaped ({batch},); got {class_labels.dtype} "

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from uae_gen.pipelines.pipeline_uae_dit import UAEDiTPipeline, imagenet_id2label
 
 from uae_gen.data import ImageFolderDataset, LatentCacheDataset, LatentStatistics, load_demo_digits
-from uae_gen.flow import SOLVERS, TIME_DISTRIBUTIONS, FlowMatchBandScheduler, flow_matching_loss
+from uae_gen.flow import BAND_CLOCKS, SOLVERS, TIME_DISTRIBUTIONS, FlowMatchBandScheduler, flow_matching_loss
 from uae_gen.models.autoencoder_uae import AutoencoderUAE
 from uae_gen.models.dit import DIT_PRESETS, UAEDiT
 from uae_gen.training import EMA, LossLogger, backward_and_step, batch_seed, loss_summary, resumed_batches
@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--class_dropout_prob", type=float, default=0.1, help="label dropout for classifier-free guidance")
     add("--num_bands", type=int, help="bands of the schedule (default: the autoencoder's)")
     add("--band_stagger", type=float, default=0.0, help="band-progressive stagger d_0 in [0, 1); 0 = plain")
+    add("--band_clock", choices=BAND_CLOCKS, default="compressed",
+        help="'shifted': band k runs on tau - d_k over [0, 1 + d_0] with its own time embedding (SFD); "
+        "'compressed': band k's clock squeezed into [d_k, 1]")
+    add("--band0_loss_weight", type=float, default=1.0, help="weight of band 0's share of the loss (SFD: 2)")
     add("--time_shift", type=time_shift_value, default="auto", help="'auto' = sqrt(C*h*w / 4096), or a number")
     add("--time_distribution", choices=TIME_DISTRIBUTIONS, default="logit_normal")
     add("--solver", choices=SOLVERS, default="euler", help="sampler saved with the pipeline")
@@ -101,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError("give exactly one data source: --latent_cache, --train_data_dir or --dataset demo-digits")
     if args.vae is None and args.latent_cache is None:
         raise ValueError("--vae (an AutoencoderUAE folder) is needed to encode images on the fly")
+    if args.band0_loss_weight <= 0:
+        raise ValueError(f"--band0_loss_weight must be positive, got {args.band0_loss_weight}")
     if args.frequency_tokens and args.latent_lowpass is None:
         raise ValueError("--frequency_tokens runs the DiT on the low-passed latent's coefficients: give --latent_lowpass N")
     for name in ("num_validation_images", "validation_num_inference_steps"):
@@ -187,7 +193,7 @@ def make_flow_scheduler(args, vae: AutoencoderUAE) -> FlowMatchBandScheduler:
         raise ValueError(f"UAEDiT needs a square latent grid, the autoencoder gives {height}x{width}")
     shift = {"latent_dim": channels * height * width} if args.time_shift == "auto" else {"shift": args.time_shift}
     scheduler = FlowMatchBandScheduler(solver=args.solver, num_bands=args.num_bands or vae.config.num_bands,
-                                       band_stagger=args.band_stagger, **shift)
+                                       band_stagger=args.band_stagger, band_clock=args.band_clock, **shift)
     schedule = scheduler.band_schedule
     if schedule.is_staggered and schedule.num_bands != vae.config.num_bands:
         raise ValueError(f"--num_bands {schedule.num_bands} differs from the autoencoder's "
@@ -241,10 +247,11 @@ def main(args: argparse.Namespace) -> dict:
     id2label = resolve_id2label(args.id2label, data_id2label)
     scheduler = make_flow_scheduler(args, vae)
     schedule = scheduler.band_schedule
-    split_bands = vae.split_bands if schedule.is_staggered else None
+    split_bands = vae.split_bands if schedule.is_staggered or args.band0_loss_weight != 1.0 else None
     transformer = UAEDiT.from_preset(args.model, in_channels=vae.latent_channels, sample_size=vae.latent_size[0],
                                      num_classes=len(id2label), class_dropout_prob=args.class_dropout_prob,
-                                     frequency_tokens=args.latent_lowpass if args.frequency_tokens else None)
+                                     frequency_tokens=args.latent_lowpass if args.frequency_tokens else None,
+                                     num_time_embeddings=schedule.num_model_times)
     noise_projection = (lambda noise: vae.lowpass(noise, args.latent_lowpass)) if args.frequency_tokens else None
     train_dataloader, steps_per_epoch, max_train_steps = make_train_dataloader(accelerator, dataset, args)
 
@@ -275,7 +282,8 @@ def main(args: argparse.Namespace) -> dict:
             elif vae is not data_vae:  # cached latents, frequency-limited and renormalised
                 inputs = vae.normalize_latents(vae.lowpass(data_vae.denormalize_latents(inputs), args.latent_lowpass))
             loss = flow_matching_loss(lambda x, t, y: transformer(x, t, y).sample, inputs, labels, schedule,
-                                      split_bands, args.time_distribution, noise_projection=noise_projection).loss
+                                      split_bands, args.time_distribution, noise_projection=noise_projection,
+                                      band0_weight=args.band0_loss_weight).loss
             backward_and_step(accelerator, loss, transformer, optimizer, lr_scheduler, args.max_grad_norm)
             if accelerator.sync_gradients and ema is not None:
                 ema.update(model)
