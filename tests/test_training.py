@@ -358,6 +358,9 @@ def test_image_grid_pixels_layout_and_range(tmp_path):
         assert (tile == round((value + 1) / 2 * 255)).all()
     assert (grid[12:20, 18:24] == 255).all()  # the unused sixth cell stays white
     assert os.listdir(path.parent) == ["grid.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any new file (mkstemp would give 0600)
 
     grey = torch.full((1, 1, 4, 4), 0.25)
     save_image_grid(grey, str(path), value_range=(0.0, 1.0))

@@ -6,7 +6,6 @@ The PNG is written to a temporary file in the same folder and moved into place w
 
 import math
 import os
-import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
@@ -72,11 +71,12 @@ def save_image_grid(
 
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
+    # open() rather than mkstemp: mkstemp creates 0600 files, and a grid should be readable like any new file.
+    temp_path = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
-        with os.fdopen(handle, "wb") as file:
+        with open(temp_path, "wb") as file:
             canvas.save(file, format="PNG")
         os.replace(temp_path, path)
-    except BaseException:
-        os.unlink(temp_path)
-        raise
+    finally:
+        if os.path.exists(temp_path):
+            os.unlink(temp_path)
