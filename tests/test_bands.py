@@ -115,12 +115,10 @@ class RowBands(BandTransform):
 
     name = "rows"
 
-    def __init__(self, height, width, cutoffs, mask_shape="smooth", transition_width=1.0, keep_residual=True):
-        super().__init__(height, width, cutoffs, mask_shape, transition_width, keep_residual)
-        bounds = [0, *[round(c * height) for c in cutoffs], height]
-        rows = torch.arange(height)[:, None].expand(height, width)
-        masks = torch.stack([((rows >= lo) & (rows < hi)).float() for lo, hi in zip(bounds, bounds[1:])])
-        self.register_buffer("masks", masks, persistent=False)
+    def band_masks(self, cutoffs, transition_width):
+        bounds = [0, *[round(c * self.height) for c in cutoffs], self.height]
+        rows = torch.arange(self.height)[:, None].expand(self.height, self.width)
+        return torch.stack([((rows >= lo) & (rows < hi)).float() for lo, hi in zip(bounds, bounds[1:])])
 
     def to_coefficients(self, z):
         return z.float()

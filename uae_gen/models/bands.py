@@ -148,7 +148,7 @@ def _check_grid(x: torch.Tensor, shape: tuple[int, int], what: str) -> torch.Ten
 class BandTransform(nn.Module):
     """A linear transform of the (h, w) grid and the band masks on its coefficients.
 
-    A subclass sets ``name``, ``mask_shapes`` and the ``masks`` buffer and defines ``to_coefficients`` /
+    A subclass sets ``name`` and ``mask_shapes`` and defines ``band_masks``, ``to_coefficients`` and
     ``from_coefficients``; the iterative residual split and the merge are shared, so a new transform is one class.
 
     Args:
@@ -181,6 +181,11 @@ class BandTransform(nn.Module):
             )
         self.height, self.width, self.num_bands = height, width, len(cutoffs) + 1
         self.mask_shape, self.keep_residual = mask_shape, keep_residual
+        self.register_buffer("masks", self.band_masks(cutoffs, transition_width), persistent=False)
+
+    def band_masks(self, cutoffs: Sequence[float], transition_width: float) -> torch.Tensor:
+        """The low-pass masks on the coefficients, (num_masks, *coefficient_shape) float32."""
+        raise NotImplementedError
 
     @property
     def coefficient_shape(self) -> tuple[int, int]:
@@ -230,18 +235,8 @@ class FFTBandTransform(BandTransform):
     name = "fft"
     mask_shapes = MASK_SHAPES
 
-    def __init__(
-        self,
-        height: int,
-        width: int,
-        cutoffs: Sequence[float],
-        mask_shape: str = "smooth",
-        transition_width: float = 1.0,
-        keep_residual: bool = True,
-    ):
-        super().__init__(height, width, cutoffs, mask_shape, transition_width, keep_residual)
-        masks = fft_projector_masks(height, width, cutoffs, mask_shape, transition_width)
-        self.register_buffer("masks", masks, persistent=False)
+    def band_masks(self, cutoffs: Sequence[float], transition_width: float) -> torch.Tensor:
+        return fft_projector_masks(self.height, self.width, cutoffs, self.mask_shape, transition_width)
 
     @property
     def coefficient_shape(self) -> tuple[int, int]:
@@ -266,20 +261,14 @@ class DCTBandTransform(BandTransform):
     name = "dct"
     mask_shapes = ("smooth",)
 
-    def __init__(
-        self,
-        height: int,
-        width: int,
-        cutoffs: Sequence[float],
-        mask_shape: str = "smooth",
-        transition_width: float = 1.0,
-        keep_residual: bool = True,
-    ):
-        super().__init__(height, width, cutoffs, mask_shape, transition_width, keep_residual)
-        self.register_buffer("masks", dct_band_masks(height, width, cutoffs), persistent=False)
+    def __init__(self, height: int, width: int, *args, **kwargs):
+        super().__init__(height, width, *args, **kwargs)
         self.register_buffer("zigzag_rank", zigzag_rank(height, width), persistent=False)
         self.register_buffer("dct_h", dct_matrix(height).float(), persistent=False)
         self.register_buffer("dct_w", dct_matrix(width).float(), persistent=False)
+
+    def band_masks(self, cutoffs: Sequence[float], transition_width: float) -> torch.Tensor:
+        return dct_band_masks(self.height, self.width, cutoffs)
 
     def to_coefficients(self, z: torch.Tensor) -> torch.Tensor:
         """(..., h, w) -> (..., h, w) float32 coefficients D_h z D_w^T; [0, 0] is DC."""
