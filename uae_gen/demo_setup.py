@@ -1,6 +1,7 @@
 """What ``uae-gen demo`` (uae_gen.demo) and the small-scale ablation (eval/ablation.py) share: how they run the
-training scripts, the teacher and the judge, the step budgets, the phase timer, and the scoring helpers (latent
-probes, reconstructions, class-conditional samples).
+training scripts, the teacher and the judge, the step budgets, the phase timer, what the work costs on this
+machine (measure_rates, for the demo's plan), and the scoring helpers (latent probes, reconstructions,
+class-conditional samples).
 
 Every model except the two classifiers is trained by the package's training scripts, each in a subprocess of the
 command a user types (the README's ``accelerate launch train/train_tokenizer.py ...`` with the script as its
@@ -25,9 +26,11 @@ import json
 import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +40,13 @@ from safetensors.torch import save_file
 
 from .data import load_demo_digits
 from .demo_classifiers import TEACHER_APPEARANCES, Judge, build_teacher, train_classifier
+from .flow import FlowMatchBandScheduler, flow_matching_loss
+from .losses import l1_reconstruction_loss, semantic_band_loss
 from .models.autoencoder_uae import AutoencoderUAE
+from .models.dit import UAEDiT
+from .models.encoders import make_teacher
 from .pipelines.pipeline_uae_dit import UAEDiTPipeline
+from .training import EMA, read_preset
 
 # Steps of the phases every study runs alike, at the demo's default budget (see uae_gen.demo for what they cost);
 # the minimum of each (and of the DiT's) when a budget scales them down.
@@ -87,11 +95,16 @@ def cpu_flags() -> set[str] | None:
     return None if line is None else set(line.partition(":")[2].split())
 
 
+def check_minutes(minutes: float) -> None:
+    """A budget is a finite number of minutes above 0 (ValueError otherwise)."""
+    if not (math.isfinite(minutes) and minutes > 0):
+        raise ValueError(f"minutes must be a positive number, got {minutes}")
+
+
 def scaled_step_counts(minutes: float, full_budget_steps: dict, min_steps: dict, default_minutes: float) -> dict:
     """Training steps of each phase for a budget of `minutes`: `full_budget_steps` (the steps at
     `default_minutes`) scaled linearly and clamped below by `min_steps`; sampler steps are never prolonged."""
-    if not (math.isfinite(minutes) and minutes > 0):
-        raise ValueError(f"minutes must be a positive number, got {minutes}")
+    check_minutes(minutes)
     scale = minutes / default_minutes
     counts = {name: max(min_steps[name], round(steps * scale)) for name, steps in full_budget_steps.items()}
     counts["inference_steps"] = min(counts["inference_steps"], full_budget_steps["inference_steps"])
@@ -99,10 +112,11 @@ def scaled_step_counts(minutes: float, full_budget_steps: dict, min_steps: dict,
 
 
 class PhaseTimer:
-    """Wall time of consecutive phases: ``lap(name)`` records the seconds since the previous lap (or the start)."""
+    """Wall time of consecutive phases: ``lap(name)`` records the seconds since the previous lap (or the start:
+    `started`, a time.time() value, default now)."""
 
-    def __init__(self):
-        self.started = self.last = time.time()
+    def __init__(self, started: float | None = None):
+        self.started = self.last = time.time() if started is None else started
         self.wall: dict[str, float] = {}
 
     def lap(self, name: str) -> None:
@@ -215,10 +229,15 @@ def train_teacher(train, steps: int, seed: int, path: Path):
     return teacher
 
 
-def train_teacher_and_judge(work: Path, steps: dict, seed: int, timer: PhaseTimer):
-    """The demo data splits, the teacher (its encoder saved to work/teacher_encoder.safetensors) and the judge:
-    (train, heldout, teacher, teacher_file, judge)."""
-    train, heldout = load_demo_digits("train", seed=seed), load_demo_digits("heldout", seed=seed)
+def load_splits(seed: int):
+    """The demo digits' (train, heldout) splits."""
+    return load_demo_digits("train", seed=seed), load_demo_digits("heldout", seed=seed)
+
+
+def train_teacher_and_judge(work: Path, steps: dict, seed: int, timer: PhaseTimer, splits: tuple | None = None):
+    """The demo data splits (`splits` when already loaded by load_splits(seed)), the teacher (its encoder saved to
+    work/teacher_encoder.safetensors) and the judge: (train, heldout, teacher, teacher_file, judge)."""
+    train, heldout = load_splits(seed) if splits is None else splits
     teacher_file = work / "teacher_encoder.safetensors"
     teacher = train_teacher(train, steps["teacher"], seed, teacher_file)
     timer.lap("teacher_s")
@@ -226,6 +245,131 @@ def train_teacher_and_judge(work: Path, steps: dict, seed: int, timer: PhaseTime
                              description="judge")
     timer.lap("judge_s")
     return train, heldout, teacher, teacher_file, judge
+
+
+# ---- what the work costs on this machine --------------------------------------------------------------------
+
+CALIBRATION_STEPS = 4  # timed steps of each model, after one untimed warm-up step
+
+
+@dataclass(frozen=True)
+class MachineRates:
+    """Seconds that one unit of each kind of the demo's work takes on this machine (measure_rates)."""
+
+    teacher_step: float  # the teacher classifier, one training step (batch 64)
+    judge_step: float  # the judge, one training step (batch 64)
+    tokenizer_step: float  # the tiny tokenizer, one stage-2 step (encoder trained against the teacher)
+    dit_step: float  # DIT_MODEL, one training step with the script's batch, precision, clipping and EMA
+    dit_forward: float  # DIT_MODEL, one latent through the eval model (a CFG sampler step runs two)
+    encode: float  # one image through the tiny tokenizer's encoder, eval
+    decode: float  # one latent through the tiny tokenizer's decoder, eval
+    load_split: float  # rendering one training split of the demo digits
+    script_start: float  # a training script's interpreter start and imports (python -c "import ...")
+
+
+def median_seconds(step, repeats: int = CALIBRATION_STEPS) -> float:
+    """Median wall time of `step()` over `repeats` calls after one untimed warm-up call (first-call allocations,
+    kernel selection)."""
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def script_start_seconds(module: str = f"{SCRIPTS}.train_dit") -> float:
+    """Wall time of a fresh interpreter importing a training script, in the scripts' environment."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", f"import {module}"], env=script_env(), check=True)
+    return time.perf_counter() - start
+
+
+def measure_rates(train, load_split_seconds: float, seed: int) -> MachineRates:
+    """Time a few steps of each model the demo trains, built as the demo and the scripts build them (presets,
+    batch sizes, the DiT's mixed precision, fused AdamW, clipping, EMA), and a script's start-up. `train` is the
+    training split, whose rendering took `load_split_seconds`. Leaves the global RNG as it found it."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        rates = {"load_split": load_split_seconds, "script_start": script_start_seconds()}
+        for name, model in (("teacher", build_teacher(train.num_classes)), ("judge", Judge(train.num_classes))):
+            train_classifier(model, train.images, train.labels, 1, seed=seed, description=f"timing the {name}")
+            start = time.perf_counter()
+            train_classifier(model, train.images, train.labels, CALIBRATION_STEPS, seed=seed,
+                             description=f"timing the {name}")
+            rates[f"{name}_step"] = (time.perf_counter() - start) / CALIBRATION_STEPS
+        rates.update(tokenizer_rates(train))
+        rates.update(dit_rates(train.num_classes))
+    return MachineRates(**rates)
+
+
+def tokenizer_rates(train) -> dict[str, float]:
+    """A stage-2 step of the tiny tokenizer (tokenizer_tiny preset: batch, semantic weight, EMA decay), and the
+    eval encode / decode of one image."""
+    preset = read_preset("tiny", "tokenizer_")
+    vae = AutoencoderUAE.from_preset(preset["model_preset"])
+    teacher = make_teacher(vae.encoder)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=preset["learning_rate"], fused=True)
+    ema = EMA(vae, preset["ema_decay"])
+    batch = preset["train_batch_size"]
+
+    def step():
+        images = train.images[torch.randint(len(train), (batch,))]
+        reconstruction, _, bands = vae(images, False, return_dict=False)
+        with torch.no_grad():
+            target = vae.split_bands(teacher(images).float())
+        loss = l1_reconstruction_loss(reconstruction, images) + preset["semantic_weight"] * semantic_band_loss(
+            bands.float(), target, preset["num_base_bands"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        ema.update(vae)
+
+    rates = {"tokenizer_step": median_seconds(step)}
+    vae.eval()
+    images = train.images[:64]
+    with torch.no_grad():
+        latents = vae.encode_raw(images)
+        rates["encode"] = median_seconds(lambda: vae.encode_raw(images)) / len(images)
+        rates["decode"] = median_seconds(lambda: vae.decode_raw(latents)) / len(images)
+    return rates
+
+
+def dit_rates(num_classes: int) -> dict[str, float]:
+    """A training step of DIT_MODEL on the tiny tokenizer's latent as train_dit runs it (dit_tiny preset: batch,
+    LR, betas, clipping, EMA; bf16 autocast where dit_mixed_precision() says so), and one latent through the
+    eval model in fp32, as the pipeline samples."""
+    preset = read_preset("tiny", "dit_")
+    shape = AutoencoderUAE.from_preset("tiny")  # the latent's shape and bands
+    channels, (height, width) = shape.latent_channels, shape.latent_size
+    dit = UAEDiT.from_preset(DIT_MODEL, in_channels=channels, sample_size=height, num_classes=num_classes,
+                             class_dropout_prob=preset["class_dropout_prob"])
+    schedule = FlowMatchBandScheduler(num_bands=shape.config.num_bands, latent_dim=channels * height * width)
+    optimizer = torch.optim.AdamW(dit.parameters(), lr=preset["learning_rate"],
+                                  betas=(preset["adam_beta1"], preset["adam_beta2"]), fused=True)
+    ema = EMA(dit, preset["ema_decay"])
+    batch, bf16 = preset["train_batch_size"], dit_mixed_precision() == "bf16"
+    latents, labels = torch.randn(batch, channels, height, width), torch.randint(num_classes, (batch,))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = flow_matching_loss(lambda x, t, y: dit(x, t, y).sample, latents, labels,
+                                      schedule.band_schedule, time_distribution=preset["time_distribution"]).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), preset["max_grad_norm"])
+        optimizer.step()
+        ema.update(dit)
+
+    rates = {"dit_step": median_seconds(step)}
+    dit.eval()
+    sample = torch.randn(64, channels, height, width)
+    times, sample_labels = torch.rand(64), torch.randint(num_classes + 1, (64,))
+    with torch.no_grad():
+        rates["dit_forward"] = median_seconds(lambda: dit(sample, times, sample_labels)) / len(sample)
+    return rates
 
 
 # ---- scoring --------------------------------------------------------------------------------------------------
