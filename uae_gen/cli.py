@@ -4,6 +4,7 @@ grid from a pipeline directory) and ``convert`` (released checkpoints -> uae_gen
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 
@@ -37,18 +38,34 @@ def run_generate(args) -> None:
     print(f"wrote {len(images)} images to {args.out}")
 
 
+def positive_minutes(value: str) -> float:
+    """--minutes: a finite number above 0."""
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = math.nan
+    if not (math.isfinite(minutes) and minutes > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of minutes, got {value!r}")
+    return minutes
+
+
 def add_demo_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="train, sample and score a tiny UAE + DiT on built-in data (CPU, offline)")
     p.add_argument("--out", default="uae_gen_demo", help="output directory")
-    p.add_argument("--minutes", type=float, default=12.0, help="rough wall-clock budget for all training")
+    p.add_argument("--minutes", type=positive_minutes, default=12.0,
+                   help="wall-clock budget of the whole command: the demo times this machine first and sizes "
+                   "every phase to end within it (the plan is printed before training)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_demo)
 
 
 def run_demo(args) -> None:
+    import psutil  # an accelerate dependency
+
     from uae_gen.demo import run_demo as demo
 
-    demo(out_dir=args.out, minutes=args.minutes, seed=args.seed)
+    # The budget counts from the command's start: the interpreter and its imports come before this function.
+    demo(out_dir=args.out, minutes=args.minutes, seed=args.seed, started=psutil.Process().create_time())
 
 
 def add_convert_parser(subparsers) -> None:
