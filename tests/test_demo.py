@@ -1,12 +1,14 @@
-"""The demo end to end at a minimal budget (every output exists and loads; quality is not asserted here), and the
-pieces it shares with eval/ablation.py (uae_gen.demo_setup): how the training scripts are run, and the DiT's mixed
-precision."""
+"""The demo end to end at a minimal budget (every output exists and loads; quality is not asserted here), its
+planner (a pure function of the budget and the machine's measured rates), and the pieces it shares with
+eval/ablation.py (uae_gen.demo_setup): how the training scripts are run, and the DiT's mixed precision."""
 
+import dataclasses
 import json
 import math
 import os
 import shlex
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +16,148 @@ import torch
 from PIL import Image
 
 from uae_gen import UAEDiTPipeline, cli, demo_setup
-from uae_gen.demo import FULL_BUDGET_STEPS, MIN_STEPS, run_demo, step_counts
+from uae_gen.data import load_demo_digits
+from uae_gen.demo import (
+    FULL_BUDGET_STEPS,
+    HELDOUT_IMAGES,
+    MIN_STEPS,
+    NUM_CLASSES,
+    SHRINK_LEVELS,
+    TRAIN_IMAGES,
+    MachineRates,
+    phase_seconds,
+    plan_demo,
+    run_demo,
+    shrunk_steps,
+    step_counts,
+)
+
+# The machine FULL_BUDGET_STEPS were chosen on (2 cores, AVX-512 with native bf16), as rates: the per-step costs
+# behind its measured phases at the default budget (teacher 119 s, judge 15 s, tokenizer 63 s, DiT-mini 501 s,
+# sampling 27 s, scoring 11 s), a 64-image encode / decode of the tiny tokenizer, and ~10 s of start-up per
+# accelerate launch.
+FAST = MachineRates(teacher_step=0.058, judge_step=0.1, tokenizer_step=0.052, dit_step=0.2, dit_forward=0.0033,
+                    encode=0.0004, decode=0.0007, load_split=0.3, script_start=8.0)
+SLOW = MachineRates(**{name: 2.2 * value for name, value in dataclasses.asdict(FAST).items()})
+FASTER = MachineRates(**{name: value / 2 for name, value in dataclasses.asdict(FAST).items()})
+FAST_ELAPSED, SLOW_ELAPSED = 15.0, 33.0  # the command's start-up and the calibration, before the plan
+
+
+def test_the_cost_model_reproduces_the_measured_phases_at_the_default_counts():
+    seconds = phase_seconds(FULL_BUDGET_STEPS, FAST)
+    start_up = 1.3 * FAST.script_start  # an accelerate launch: the measured phases had no subprocesses
+    assert seconds["teacher"] == pytest.approx(119, abs=3)
+    assert seconds["judge"] == pytest.approx(15, abs=1)
+    assert sum(seconds[f"tokenizer_{k}"] - start_up for k in (1, 2, 3)) == pytest.approx(63, rel=0.1)
+    assert seconds["dit"] - start_up == pytest.approx(501, rel=0.05)
+    assert seconds["sampling"] == pytest.approx(27, rel=0.1)
+    assert seconds["scoring"] == pytest.approx(11, rel=0.1)
+
+
+def test_the_demo_data_sizes_the_plan_assumes():
+    train, heldout = load_demo_digits("train"), load_demo_digits("heldout")
+    assert (len(train), len(heldout), train.num_classes) == (TRAIN_IMAGES, HELDOUT_IMAGES, NUM_CLASSES)
+
+
+def test_plan_on_the_fast_machine_keeps_the_default_counts_within_its_budget():
+    plan = plan_demo(12.0, FAST, FAST_ELAPSED)
+    assert plan.fits and plan.expected_s <= 12 * 60
+    assert plan.expected_s == pytest.approx(FAST_ELAPSED + sum(plan.seconds.values()))
+    # the start-ups of the five scripts (not in the measured phases) cost the DiT ~14% of its steps
+    least = {"teacher": 0.95, "judge": 1.0, "dit": 0.85, "samples_per_class": 0.8, "inference_steps": 1.0,
+             "tokenizer_1": 0.8, "tokenizer_2": 0.8, "tokenizer_3": 0.8}
+    for name, full in FULL_BUDGET_STEPS.items():
+        assert least[name] * full <= plan.steps[name] <= full, name
+    # a machine on which today's whole run, start-ups included, fits the budget gets exactly today's counts
+    assert plan_demo(12.0, FASTER, FAST_ELAPSED).steps == FULL_BUDGET_STEPS
+
+
+def test_plan_on_a_slower_machine_fits_and_protects_the_dit_and_the_teacher():
+    plan = plan_demo(12.0, SLOW, SLOW_ELAPSED)
+    assert plan.fits and plan.expected_s <= 12 * 60
+    assert plan.expected_s > 11.5 * 60  # the budget is used, not left over
+    assert plan.steps["dit"] >= 700 and plan.steps["teacher"] >= 800
+    assert plan.steps["judge"] == FULL_BUDGET_STEPS["judge"]  # the instrument keeps its steps
+    # what gave first: the tokenizer went down further, relative to its full counts, than the DiT and the teacher
+    assert plan.steps["tokenizer_1"] / 800 < plan.steps["dit"] / 2500
+    assert plan.steps["tokenizer_1"] / 800 < plan.steps["teacher"] / 2000
+
+
+@pytest.mark.parametrize("rates, elapsed", [(FAST, FAST_ELAPSED), (SLOW, SLOW_ELAPSED)])
+def test_plan_for_five_minutes_fits_five_minutes(rates, elapsed):
+    plan = plan_demo(5.0, rates, elapsed)
+    assert plan.fits and plan.expected_s <= 5 * 60
+    assert plan.steps["dit"] >= MIN_STEPS["dit"]
+    assert plan.steps["dit"] < plan_demo(12.0, rates, elapsed).steps["dit"]
+
+
+def test_plan_grows_with_the_budget_up_to_the_scaled_caps():
+    plans = [plan_demo(minutes, SLOW, SLOW_ELAPSED) for minutes in (2, 5, 8, 12, 20, 30, 60, 120)]
+    for smaller, larger in zip(plans, plans[1:]):
+        assert all(smaller.steps[name] <= larger.steps[name] for name in FULL_BUDGET_STEPS)
+    for plan in plans:
+        caps = step_counts(max(plan.minutes, 12.0))
+        assert all(plan.steps[name] <= caps[name] for name in caps)
+    assert plan_demo(60.0, FASTER, FAST_ELAPSED).steps == step_counts(60.0)
+
+
+def test_a_budget_shorter_than_the_smallest_run_plans_the_minimum_and_says_so():
+    plan = plan_demo(0.05, FAST)
+    assert not plan.fits and plan.steps == MIN_STEPS
+    assert "shorter than the smallest run" in plan.table()
+
+
+def test_shrink_levels_go_from_the_caps_to_the_minimum():
+    caps = step_counts(12.0)
+    assert shrunk_steps(caps, 0.0) == caps
+    assert shrunk_steps(caps, float(len(SHRINK_LEVELS))) == MIN_STEPS
+    assert shrunk_steps(caps, 1.0)["dit"] == 1500 and shrunk_steps(caps, 2.0)["dit"] == 1500
+    previous = caps
+    for level in [k / 4 for k in range(1, 4 * len(SHRINK_LEVELS) + 1)]:
+        counts = shrunk_steps(caps, level)
+        assert all(counts[name] <= previous[name] for name in caps)
+        previous = counts
+
+
+def test_a_plan_redone_later_keeps_finished_phases_and_moves_the_rest():
+    plan = plan_demo(12.0, FAST, FAST_ELAPSED)
+    finished = ("teacher", "judge", "tokenizer_1", "tokenizer_2", "tokenizer_3", "cache")
+    spent = FAST_ELAPSED + sum(plan.seconds[phase] for phase in finished)
+    on_time = plan_demo(12.0, FAST, spent, finished, plan.steps)
+    assert on_time.steps == plan.steps and set(on_time.seconds) == {"dit", "sampling", "scoring"}
+    late = plan_demo(12.0, FAST, spent + 60, finished, plan.steps)  # a minute behind: the DiT gives ~300 steps
+    assert late.fits and late.expected_s <= 12 * 60
+    assert {name: late.steps[name] for name in ("teacher", "tokenizer_1")} == \
+        {name: plan.steps[name] for name in ("teacher", "tokenizer_1")}
+    assert plan.steps["dit"] - 360 <= late.steps["dit"] <= plan.steps["dit"] - 250
+    early = plan_demo(12.0, FAST, spent - 120, finished, plan.steps)  # ahead: up to the cap, no further
+    assert early.steps["dit"] == FULL_BUDGET_STEPS["dit"]
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_bad_budget_is_refused_before_any_work(tmp_path, bad):
+    with pytest.raises(ValueError, match="minutes must be a positive number"):
+        plan_demo(bad, FAST)
+    with pytest.raises(ValueError, match="minutes must be a positive number"):
+        run_demo(str(tmp_path / "demo"), minutes=bad)
+    assert not (tmp_path / "demo").exists()
+
+
+def test_uae_gen_demo_counts_the_budget_from_the_command_start(monkeypatch):
+    calls = []
+    monkeypatch.setattr("uae_gen.demo.run_demo", lambda **kwargs: calls.append(kwargs))
+    cli.main(["demo", "--minutes", "5", "--out", "d"])
+    [call] = calls
+    assert (call["out_dir"], call["minutes"], call["seed"]) == ("d", 5.0, 0)
+    assert call["started"] <= time.time()  # this process's start, before its imports
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "nan", "inf", "ten"])
+def test_uae_gen_demo_refuses_a_bad_budget(capsys, bad):
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["demo", "--minutes", bad])
+    assert raised.value.code == 2
+    assert f"argument --minutes: must be a positive number of minutes, got {bad!r}" in capsys.readouterr().err
 
 
 def test_step_counts_scale_with_the_budget_and_clamp_below():
@@ -106,9 +249,24 @@ def test_minimal_demo_writes_every_output(tmp_path, monkeypatch, capsys):
         assert math.isfinite(metrics[key]), key
     for key in ("band0_probe_top1", "teacher_heldout_accuracy", "judge_heldout_accuracy", "judge_generated_accuracy"):
         assert 0.0 <= metrics[key] <= 1.0
-    assert metrics["steps"] == step_counts(0.05)
+    assert metrics["steps"] == MIN_STEPS  # 3 s is shorter than the smallest run: every count at its minimum
     assert metrics["num_generated"] == 10 * MIN_STEPS["samples_per_class"]
     assert metrics["wall_time"]["total_s"] >= sum(v for k, v in metrics["wall_time"].items() if k != "total_s") - 1
+    assert metrics["wall_time"]["calibration_s"] > 0
+
+    # The plan, made from this machine's measured rates before training, and printed before the first command.
+    rates = metrics["rates"]
+    assert set(rates) == {field.name for field in dataclasses.fields(MachineRates)}
+    assert all(math.isfinite(value) and value > 0 for value in rates.values())
+    plan = metrics["plan"]
+    assert plan["minutes"] == 0.05 and plan["steps"] == MIN_STEPS and not plan["fits"]
+    assert plan["expected_s"] == pytest.approx(plan["elapsed_s"] + sum(plan["seconds"].values()), abs=0.5)
+    assert plan["seconds"]["dit"] > MIN_STEPS["dit"] * rates["dit_step"]
+    assert set(metrics["replans"]) == {"dit", "sampling"}
+    assert set(metrics["replans"]["dit"]["seconds"]) == {"dit", "sampling", "scoring"}
+    assert metrics["observed"]["script_start_s"] > 0 and metrics["observed"]["dit_script_s"] > 0
+    assert printed.index("plan: ") < printed.index("\n$ ")
+    assert "DiT-mini" in printed[printed.index("plan: "):printed.index("\n$ ")]
     umask = os.umask(0)
     os.umask(umask)
     assert (out / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~umask
