@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .data import load_demo_digits
 from .demo_classifiers import TEACHER_APPEARANCES, accuracy, classifier_features, predict
 from .demo_setup import (
     DIT_MODEL,
@@ -43,7 +44,6 @@ from .demo_setup import (
     dit_mixed_precision,
     generate,
     linear_probe_top1,
-    load_splits,
     measure_rates,
     probe_features,
     raw_latents,
@@ -99,8 +99,8 @@ PHASE_STEPS = {"teacher": ("teacher",), "judge": ("judge",), "tokenizer_1": ("to
 NUM_CLASSES, TRAIN_IMAGES, HELDOUT_IMAGES = 10, 1437, 360  # the demo digits' splits
 REFERENCE_TEACHER_STEP = 0.058
 TOKENIZER_STAGE_COST = {1: 0.6, 2: 1.0, 3: 2.4}  # a step of each stage in stage-2 steps (frozen encoder; GAN)
-LAUNCH_START_FACTOR = 1.3  # accelerate launch starts its own interpreter before the script's: start-up x 1.3
-SCRIPT_SETUP_S = 1.5  # a script's set-up inside main(): accelerator, models, data loader; and its saving
+LAUNCH_START_FACTOR = 1.15  # accelerate launch starts its own interpreter (torch, accelerate) before the script's
+SCRIPT_SETUP_S = 1.0  # a script's set-up inside main(): accelerator, models, data loader; and its saving
 PIPELINE_IO_S = 1.0  # loading the DiT's pipeline and saving it to out_dir
 SCORING_FIXED_S = 8.0  # scoring besides the forward passes: three logistic-regression probes, two FIDs, grids
 TOKENIZER_PRESET, DIT_PRESET = read_preset("tiny", "tokenizer_"), read_preset("tiny", "dit_")
@@ -287,10 +287,10 @@ def run_demo(out_dir: str = "uae_gen_demo", minutes: float = DEFAULT_MINUTES, se
     torch.manual_seed(seed)
 
     # ---- measure this machine, plan ------------------------------------------------------------------------
-    load_started = time.perf_counter()
-    train, heldout = load_splits(seed)
-    rates = measure_rates(train, (time.perf_counter() - load_started) * len(train) / (len(train) + len(heldout)),
-                          seed)
+    train = load_demo_digits("train", seed=seed)
+    load_started = time.perf_counter()  # the second rendering: the first one also loads the digits and photos
+    heldout = load_demo_digits("heldout", seed=seed)
+    rates = measure_rates(train, (time.perf_counter() - load_started) * len(train) / len(heldout), seed)
     timer.lap("calibration_s")
     plan = plan_demo(minutes, rates, time.time() - started)
     print(f"uae-gen demo: {minutes:g} min budget; {rates_text(rates)}\n{plan.table()}", flush=True)
