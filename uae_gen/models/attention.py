@@ -8,11 +8,14 @@ installed and the tensors are on CUDA, else SDPA). xformers is imported lazily, 
 
 import importlib.util
 from functools import cache
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 ATTENTION_BACKENDS = ("sdpa", "xformers", "auto")
+_XFORMERS_MISSING = ("attention backend 'xformers' needs the optional xformers package "
+                     "(pip install 'uae_gen[xformers]'); use backend='sdpa' or 'auto' without it.")
 
 
 @cache
@@ -25,6 +28,19 @@ def check_attention_backend(backend: str) -> None:
         raise ValueError(f"Unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}.")
 
 
+def check_attention_backend_available(backend: str, device: Optional[Union[str, torch.device]] = None) -> None:
+    """Fail early, with one clear message, for a backend this machine cannot run: an unknown name, "xformers" without
+    the xformers package, or "xformers" for a run on a device other than CUDA (when `device` is given)."""
+    check_attention_backend(backend)
+    if backend != "xformers":
+        return
+    if not xformers_available():
+        raise ImportError(_XFORMERS_MISSING)
+    if device is not None and torch.device(device).type != "cuda":
+        raise ValueError(f"attention backend 'xformers' has CUDA-only kernels but the run is on {torch.device(device)}; "
+                         "use 'sdpa' or 'auto'.")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim)) v for (B, heads, N, head_dim) inputs, no mask, no dropout."""
     check_attention_backend(backend)
@@ -35,10 +51,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     try:
         import xformers.ops
     except ImportError as error:
-        raise ImportError(
-            "attention backend 'xformers' needs the optional xformers package "
-            "(pip install 'uae_gen[xformers]'); use backend='sdpa' or 'auto' without it."
-        ) from error
+        raise ImportError(_XFORMERS_MISSING) from error
     if not q.is_cuda:
         raise ValueError(
             f"attention backend 'xformers' has CUDA-only kernels but the tensors are on {q.device}; "

@@ -22,7 +22,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .attention import attention, check_attention_backend
+from .attention import attention, check_attention_backend, check_attention_backend_available
 from .bands import LowFrequencyTokens
 from .pos_embed import sincos_pos_embed_2d
 
@@ -59,10 +59,15 @@ def rope_tables_2d(head_dim: int, grid_size: int, theta: float = 1e4) -> tuple[t
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each adjacent channel pair (a, b) of x (..., N, head_dim) to (a cos - b sin, b cos + a sin),
-    computed as the complex product (a + ib)(cos + i sin)."""
-    rotation = torch.complex(cos[:, 0::2].float(), sin[:, 0::2].float())  # tables repeat each pair's angle twice
+    computed as the complex product (a + ib)(cos + i sin) in eager mode. Under torch.compile the same product is
+    written in real arithmetic: inductor generates no code for complex operators (it falls back to eager kernels
+    and cannot fuse them), while the real form fuses into the surrounding kernels."""
+    cos, sin = cos[:, 0::2].float(), sin[:, 0::2].float()  # tables repeat each pair's angle twice
+    if torch.compiler.is_compiling():
+        a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).to(x.dtype)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
@@ -158,6 +163,14 @@ class SelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention(q, k, v, self.backend)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op=None) -> None:
+        """diffusers' hook: `enable_xformers_memory_efficient_attention()` on the model or a pipeline reaches here."""
+        if attention_op is not None:
+            raise ValueError("UAEDiT's xformers backend uses xformers' default attention_op")
+        backend = "xformers" if valid else "sdpa"
+        check_attention_backend_available(backend)
+        self.backend = backend
 
 
 class SwiGLU(nn.Module):
@@ -330,6 +343,16 @@ class UAEDiT(ModelMixin, ConfigMixin):
         if name not in DIT_PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(DIT_PRESETS)}")
         return cls(**{**DIT_PRESETS[name], **overrides})
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Run every attention layer with `backend`: "sdpa", "xformers" (needs the xformers package; CUDA tensors)
+        or "auto" (xformers on CUDA when installed, else SDPA). A runtime choice, as diffusers' method of this name:
+        the config's `attention_backend` (the backend a freshly built or loaded model starts with) is unchanged, so
+        a model saved after training with xformers still loads on a machine without it."""
+        check_attention_backend_available(backend)
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                module.backend = backend
 
     def initialize_weights(self) -> None:
         # DiT initialisation: xavier linears, patch embeds like linears, adaLN-Zero and output layer at zero.
