@@ -303,3 +303,76 @@ def test_deprecated_lr_final_ratio_becomes_lr_end():
         args = train_tokenizer.parse_args([*base, "--lr_final_ratio", "0.1"])
     assert args.lr_end == pytest.approx(1e-4) and args.lr_final_ratio is None
     assert train_tokenizer.parse_args([*base, "--lr_end", "1e-4"]).lr_end == 1e-4
+
+
+def test_gradient_checkpointing_of_decoder_and_encoder_gives_same_gradients():
+    """What --gradient_checkpointing switches on (train_tokenizer.enable_gradient_checkpointing): the decoder's and,
+    when it trains, the encoder's blocks re-run in the backward pass, and every gradient stays the same."""
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def gradients(checkpointing: bool):
+        torch.manual_seed(0)
+        model = AutoencoderUAE.from_preset("tiny").train()
+        with torch.no_grad():  # random weights everywhere (the spectral transform starts at zero)
+            for parameter in model.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+        if checkpointing:
+            train_tokenizer.enable_gradient_checkpointing(model, train_encoder=True)
+        calls = {"decoder": 0, "encoder": 0}
+        model.decoder.blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__("decoder", calls["decoder"] + 1))
+        model.encoder.backbone.blocks[0].register_forward_pre_hook(
+            lambda *_: calls.__setitem__("encoder", calls["encoder"] + 1))
+        reconstruction = model(images, inject_noise=False, return_dict=False)[0]
+        (reconstruction - images).abs().mean().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}, calls
+
+    plain, plain_calls = gradients(False)
+    checkpointed, checkpointed_calls = gradients(True)
+    assert plain_calls == {"decoder": 1, "encoder": 1}
+    assert checkpointed_calls == {"decoder": 2, "encoder": 2}  # each block ran again in the backward pass
+    assert plain.keys() == checkpointed.keys() and any(k.startswith("encoder.") for k in plain)
+    for name, grad in plain.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_speed_flags_reach_the_models(workdir, encoder_file, monkeypatch):
+    """--compile compiles the encoder, decoder and teacher in place (fullgraph, the chosen mode; torch.compile is
+    recorded, not run: tests/test_compile.py compiles for real) and --gradient_checkpointing reaches both ViTs."""
+    compiled = []
+
+    def record_compile(fn, **kwargs):
+        compiled.append((fn.__self__, kwargs))
+        return fn
+
+    built = []
+    original_build = train_tokenizer.build_autoencoder
+    monkeypatch.setattr(train_tokenizer, "build_autoencoder", lambda args: built.append(original_build(args)) or built[-1])
+    monkeypatch.setattr(torch, "compile", record_compile)
+    summary = run_in_process(tiny_argv(2, workdir / "speed", 1, "--pretrained_encoder", encoder_file,
+                                       "--train_batch_size", 4, "--validation_steps", 100, "--compile",
+                                       "--compile_mode", "max-autotune-no-cudagraphs", "--gradient_checkpointing"))
+    assert summary["global_step"] == 1
+    model = built[0]
+    kinds = sorted(type(module).__name__ for module, _ in compiled)
+    assert kinds == ["SemanticEncoder", "SemanticEncoder", "ViTDecoder"]  # encoder, teacher, decoder
+    assert any(module is model.encoder for module, _ in compiled) and any(m is model.decoder for m, _ in compiled)
+    assert all(kwargs == {"fullgraph": True, "mode": "max-autotune-no-cudagraphs"} for _, kwargs in compiled)
+    assert model.decoder.gradient_checkpointing and model.encoder.backbone.grad_checkpointing
+
+
+def test_precision_and_compile_flags_fail_at_start_up(tmp_path, monkeypatch, capsys):
+    parse = train_tokenizer.parse_args
+    base = ["--stage", "1", "--random_encoder", "--train_data_dir", str(tmp_path / "no-images")]
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    if torch.accelerator.is_available():
+        monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # a CPU run, wherever the test runs
+    with pytest.raises(ValueError, match="--mixed_precision fp16 needs a GPU"):
+        parse([*base, "--mixed_precision", "fp16"])
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # what `accelerate launch --mixed_precision fp16` sets
+    with pytest.raises(ValueError, match="--mixed_precision fp16 needs a GPU"):
+        parse(base)
+    assert parse([*base, "--mixed_precision", "bf16"]).mixed_precision == "bf16"  # the flag wins over the env
+    with pytest.raises(SystemExit):
+        parse([*base, "--compile", "--compile_mode", "fastest"])
+    assert "--compile_mode: invalid choice: 'fastest'" in capsys.readouterr().err

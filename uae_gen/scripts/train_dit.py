@@ -39,7 +39,7 @@ from uae_gen.training import EMA, LossLogger, backward_and_step, batch_seed, los
 from uae_gen.training import add_training_arguments, check_training_arguments, parse_args_with_preset, read_preset
 from uae_gen.training import make_accelerator, make_adamw, make_lr_scheduler, make_train_dataloader
 from uae_gen.training import register_pretrained_hooks, resume_from_checkpoint, save_checkpoint
-from uae_gen.training import save_image_grid, write_json
+from uae_gen.training import add_attention_backend_argument, compile_module, save_image_grid, write_json
 
 DATA_SOURCES = ("latent_cache", "train_data_dir", "dataset")
 LOWPASS_STATS_SAMPLES = 10_000
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--time_shift", type=time_shift_value, default="auto", help="'auto' = sqrt(C*h*w / 4096), or a number")
     add("--time_distribution", choices=TIME_DISTRIBUTIONS, default="logit_normal")
     add("--solver", choices=SOLVERS, default="euler", help="sampler saved with the pipeline")
+    add_attention_backend_argument(p)
     # low-to-high: the UAE frequency-limited latent, optionally as fewer tokens
     add("--latent_lowpass", type=int, help="learn the first N zig-zag DCT coefficients of each latent channel "
         "(the UAE v2 frequency-limited latent; per-channel statistics recomputed on it)")
@@ -252,6 +253,10 @@ def main(args: argparse.Namespace) -> dict:
                                      num_classes=len(id2label), class_dropout_prob=args.class_dropout_prob,
                                      frequency_tokens=args.latent_lowpass if args.frequency_tokens else None,
                                      num_time_embeddings=schedule.num_model_times)
+    if args.attention_backend is not None:
+        transformer.set_attention_backend(args.attention_backend)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
     noise_projection = (lambda noise: vae.lowpass(noise, args.latent_lowpass)) if args.frequency_tokens else None
     train_dataloader, steps_per_epoch, max_train_steps = make_train_dataloader(accelerator, dataset, args)
 
@@ -261,6 +266,8 @@ def main(args: argparse.Namespace) -> dict:
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     model = accelerator.unwrap_model(transformer)
     ema = EMA(model, args.ema_decay) if args.use_ema else None
+    if args.compile:  # in place, after the EMA copy (which stays eager)
+        compile_module(model, args.compile_mode)
     register_pretrained_hooks(accelerator, model, ema, "transformer")  # checkpoint-N/transformer{,_ema}/
     global_step, resume_path = resume_from_checkpoint(accelerator, args)
     start_step = global_step

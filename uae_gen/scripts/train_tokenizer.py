@@ -46,7 +46,7 @@ from uae_gen.training import EMA, LossLogger, backward_and_step, batch_seed, res
 from uae_gen.training import add_training_arguments, check_training_arguments, parse_args_with_preset, read_preset
 from uae_gen.training import make_accelerator, make_adamw, make_lr_scheduler, make_train_dataloader
 from uae_gen.training import register_pretrained_hooks, resume_from_checkpoint, save_checkpoint
-from uae_gen.training import save_image_grid, write_json
+from uae_gen.training import compile_module, save_image_grid, write_json
 
 logger = get_logger(__name__)
 
@@ -158,6 +158,14 @@ def reconstruct(model: AutoencoderUAE, images: torch.Tensor, batch_size: int) ->
     return recon, psnr((recon + 1) / 2, (images + 1) / 2).mean().item()
 
 
+def enable_gradient_checkpointing(model: AutoencoderUAE, train_encoder: bool) -> None:
+    """Recompute the ViT decoder's blocks (diffusers' switch) and, when the encoder trains, the encoder's blocks
+    (timm's switch, non-reentrant) in the backward pass."""
+    model.enable_gradient_checkpointing()
+    if train_encoder:
+        model.encoder.backbone.set_grad_checkpointing(True)
+
+
 def build_teacher(args, encoder):
     """The frozen semantic target: the INITIAL encoder (the pretrained file if given, else the starting weights)."""
     teacher = make_teacher(encoder)
@@ -215,6 +223,8 @@ def main(args: argparse.Namespace) -> dict:
     if model.config.encoder_token_norm == "layernorm_no_affine":
         model.encoder.backbone.norm.requires_grad_(False)  # its affine weights are unused (no grad, so no DDP sync)
     teacher = build_teacher(args, model.encoder).to(device) if train_encoder and args.semantic_weight > 0 else None
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model, train_encoder)
     lpips = LPIPS(args.lpips_vgg_weights, args.lpips_linear_weights).to(device) if args.lpips_weight > 0 else None
     discriminator = build_discriminator(args) if args.stage == 3 else None
 
@@ -245,6 +255,11 @@ def main(args: argparse.Namespace) -> dict:
         gan_schedule = GANLossSchedule(args.discriminator_start_step, args.gan_start_step, args.gan_weight)
         diffaugment = DiffAugment(cutout_ratio=args.diffaugment_cutout)
     ema = EMA(uae, args.ema_decay) if args.use_ema else None
+    if args.compile:
+        # The encoder and decoder ViTs, in place and after the EMA copy (which stays eager); the band split and
+        # modulator between them take a torch.Generator, which dynamo cannot trace, so they stay eager too.
+        for module in [uae.encoder, uae.decoder] + ([teacher] if teacher is not None else []):
+            compile_module(module, args.compile_mode)
     # Every random draw of a training step (band noise on the device, DiffAugment on the CPU) comes from these.
     noise_generator, augment_generator = torch.Generator(device), torch.Generator()
     register_pretrained_hooks(accelerator, uae, ema, "autoencoder")  # checkpoint-N/autoencoder{,_ema}/

@@ -1,6 +1,6 @@
 """Accelerate glue shared by the training scripts (uae_gen/scripts): shared flags and presets, Accelerator and
-data-loader set-up, checkpoint hooks and resume, reproducible data order, the optimiser step, EMA, LR schedule,
-loss logging and sample grids."""
+data-loader set-up, speed flags (torch.compile, attention backend) and their start-up checks, checkpoint hooks and
+resume, reproducible data order, the optimiser step, EMA, LR schedule, loss logging and sample grids."""
 
 from .accelerator_setup import (
     make_accelerator,
@@ -25,21 +25,34 @@ from .image_grid import save_image_grid
 from .loss_log import LossLogger, loss_summary
 from .lr_schedule import LR_SCHEDULES, get_lr_scheduler
 from .optimizer_step import backward_and_step
+from .performance import (
+    COMPILE_MODES,
+    add_attention_backend_argument,
+    add_compile_arguments,
+    check_device_arguments,
+    compile_module,
+    run_device_type,
+)
 from .presets import CONFIG_DIR, parse_args_with_preset, read_preset
 
 __all__ = [
     "CHECKPOINT_MARKER",
+    "COMPILE_MODES",
     "CONFIG_DIR",
     "EMA",
     "EpochShuffleSampler",
     "LR_SCHEDULES",
     "ResumePosition",
     "LossLogger",
+    "add_attention_backend_argument",
+    "add_compile_arguments",
     "add_training_arguments",
     "backward_and_step",
     "batch_seed",
+    "check_device_arguments",
     "check_training_arguments",
     "checkpoint_step",
+    "compile_module",
     "find_latest_checkpoint",
     "get_lr_scheduler",
     "loss_summary",
@@ -54,6 +67,7 @@ __all__ = [
     "resume_from_checkpoint",
     "resume_position",
     "resumed_batches",
+    "run_device_type",
     "save_checkpoint",
     "save_image_grid",
     "write_json",

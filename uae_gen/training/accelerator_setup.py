@@ -16,18 +16,23 @@ from .checkpointing import checkpoint_step, resolve_resume_path
 from .data_order import EpochShuffleSampler
 from .ema import EMA
 from .lr_schedule import get_lr_scheduler
+from .performance import check_device_arguments
 
 logger = get_logger(__name__)
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
-    """The run's Accelerator (accumulation, precision, trackers under output_dir/logging_dir); also applies
-    --allow_tf32, creates output_dir, starts the trackers and seeds every RNG with --seed."""
+    """The run's Accelerator (accumulation, precision (fp16 with accelerate's GradScaler), trackers under
+    output_dir/logging_dir); refuses precision / attention flags its device cannot honour, applies --allow_tf32,
+    creates output_dir, starts the trackers and seeds every RNG with --seed."""
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=args.report_to, project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
+    # Checked again with what accelerate chose (precision from its config, the actual device); parse_args checked
+    # the flags already, so this only catches a launch configuration the flags did not show.
+    check_device_arguments(args, accelerator.device.type, accelerator.mixed_precision)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

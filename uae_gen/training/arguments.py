@@ -4,6 +4,7 @@ import argparse
 import warnings
 
 from .lr_schedule import LR_SCHEDULES
+from .performance import add_compile_arguments, check_device_arguments
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +39,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--ema_decay", type=float, default=0.9999)
     add("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: the accelerate config")
     add("--allow_tf32", action=flag, default=False, help="TF32 matmuls and cuDNN convolutions (Ampere+ GPUs)")
+    add("--gradient_checkpointing", action=flag, default=False,
+        help="recompute each transformer block in the backward pass: less activation memory, ~1/3 more compute")
+    add_compile_arguments(parser, "trained model")
     add("--checkpointing_steps", type=int, default=500)
     add("--checkpoints_total_limit", type=int)
     add("--resume_from_checkpoint", help="'latest' or a checkpoint path")
@@ -49,7 +53,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_training_arguments(args: argparse.Namespace) -> None:
-    """Raise ValueError for out-of-range shared flags; turn the deprecated --lr_final_ratio into --lr_end."""
+    """Raise ValueError for out-of-range shared flags and for speed / precision flags this machine cannot honour
+    (`check_device_arguments`); turn the deprecated --lr_final_ratio into --lr_end."""
+    check_device_arguments(args)
     for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "logging_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
