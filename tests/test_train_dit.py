@@ -264,3 +264,135 @@ def test_shifted_band_clocks(data, tmp_path):
     assert images.shape == (1, 32, 32, 3)
     with pytest.raises(ValueError, match="--band0_loss_weight must be positive, got 0.0"):
         train_dit.parse_args(tiny_args(data, out, "--band0_loss_weight", "0"))
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__")
+
+
+def count_host_reads_in_the_loop(monkeypatch, cuda_sync_debug=False):
+    """Patch Tensor's host reads to count the calls made inside the training loop's body: from each batch the loop
+    receives to the request for the next (fetching a batch is not counted: the sampler's indices live on the host).
+    Reads inside LossLogger.step are counted per global step, apart. With cuda_sync_debug, every loop body after
+    the first optimiser step also runs under torch.cuda.set_sync_debug_mode("error")."""
+    state = {"in_loop": False, "in_log_step": None, "bodies": 0}
+    loop_reads, log_reads = [], {}
+
+    def counted(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if state["in_log_step"] is not None:
+                log_reads[state["in_log_step"]] = log_reads.get(state["in_log_step"], 0) + 1
+            elif state["in_loop"]:
+                loop_reads.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    original_batches, original_step = train_dit.resumed_batches, train_dit.LossLogger.step
+
+    def batches(*args, **kwargs):
+        iterator = original_batches(*args, **kwargs)
+        while True:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            state["in_loop"], state["bodies"] = True, state["bodies"] + 1
+            if cuda_sync_debug and state["bodies"] > 2:  # lazy CUDA initialisation happens in the first step
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                yield item
+            finally:
+                state["in_loop"] = False
+                if cuda_sync_debug:
+                    torch.cuda.set_sync_debug_mode("default")
+
+    def log_step(self, global_step, lr):
+        state["in_log_step"] = global_step
+        try:
+            return original_step(self, global_step, lr)
+        finally:
+            state["in_log_step"] = None
+
+    monkeypatch.setattr(train_dit, "resumed_batches", batches)
+    monkeypatch.setattr(train_dit.LossLogger, "step", log_step)
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    return loop_reads, log_reads, state
+
+
+@pytest.mark.parametrize("extra", [[], ["--band_stagger", "0.3"], ["--latent_lowpass", "16", "--frequency_tokens"]],
+                         ids=["plain", "band-progressive", "frequency-tokens"])
+def test_training_steps_read_nothing_on_the_host_between_logging_points(data, tmp_path, monkeypatch, extra):
+    """6 optimiser steps (12 micro-batches: accumulation 2), EMA, gradient clipping, --logging_steps 100: the loop
+    reads no tensor value on the host (.item(), .tolist(), bool(), int(), float()) except in the one logging step,
+    the last. On a GPU each read would wait for the device."""
+    loop_reads, log_reads, state = count_host_reads_in_the_loop(monkeypatch)
+    summary = train_dit.main(train_dit.parse_args(tiny_args(
+        data, tmp_path / "run", "--max_train_steps", "6", "--gradient_accumulation_steps", "2", "--use_ema",
+        "--max_grad_norm", "1.0", "--logging_steps", "100", "--checkpointing_steps", "100", *extra)))
+    monkeypatch.undo()
+    assert summary["global_step"] == 6 and state["bodies"] == 12
+    assert loop_reads == []
+    assert list(log_reads) == [6] and log_reads[6] >= 1  # the counter sees real reads: the final log's
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_steps_do_not_sync_cuda(data, tmp_path, monkeypatch):
+    loop_reads, log_reads, state = count_host_reads_in_the_loop(monkeypatch, cuda_sync_debug=True)
+    summary = train_dit.main(train_dit.parse_args(tiny_args(
+        data, tmp_path / "run", "--max_train_steps", "6", "--gradient_accumulation_steps", "2", "--use_ema",
+        "--logging_steps", "100", "--checkpointing_steps", "100")))
+    monkeypatch.undo()
+    assert summary["global_step"] == 6 and loop_reads == [] and list(log_reads) == [6]
+
+
+def test_speed_flags_reach_the_transformer(data, tmp_path, monkeypatch):
+    """--compile (recorded here, not run: tests/test_compile.py compiles for real), --compile_mode,
+    --gradient_checkpointing and --attention_backend reach the trained UAEDiT; the EMA copy stays uncompiled."""
+    compiled, built = [], []
+    original_from_preset = UAEDiT.from_preset.__func__
+
+    def from_preset(cls, *args, **kwargs):
+        built.append(original_from_preset(cls, *args, **kwargs))
+        return built[-1]
+
+    def record_compile(fn, **kwargs):
+        compiled.append((fn.__self__, kwargs))
+        return fn
+
+    monkeypatch.setattr(UAEDiT, "from_preset", classmethod(from_preset))
+    monkeypatch.setattr(torch, "compile", record_compile)
+    summary = train_dit.main(train_dit.parse_args(tiny_args(
+        data, tmp_path / "run", "--max_train_steps", "2", "--use_ema", "--compile", "--compile_mode",
+        "reduce-overhead", "--gradient_checkpointing", "--attention_backend", "auto")))
+    assert summary["global_step"] == 2
+    (model,) = built
+    assert [(module, kwargs) for module, kwargs in compiled] == [(model, {"fullgraph": True, "mode": "reduce-overhead"})]
+    assert model.gradient_checkpointing
+    assert {block.attn.backend for block in model.blocks} == {"auto"}
+    saved = UAEDiTPipeline.from_pretrained(tmp_path / "run" / "pipeline").transformer
+    assert saved.config.attention_backend == "sdpa"  # the backend is a runtime choice, not saved
+
+
+def test_start_up_errors_come_before_any_data(tmp_path, monkeypatch, capsys):
+    """Flags the machine cannot honour fail in parse_args, before the (here missing) data is opened."""
+    base = ["--config", "dit_tiny", "--latent_cache", str(tmp_path / "no-cache"), "--output_dir", str(tmp_path)]
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    if torch.accelerator.is_available():
+        monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # a CPU run, wherever the test runs
+    with pytest.raises(ValueError, match="--mixed_precision fp16 needs a GPU"):
+        train_dit.parse_args([*base, "--mixed_precision", "fp16"])
+    from uae_gen.models import attention as attention_module
+    monkeypatch.setattr(attention_module, "xformers_available", lambda: False)
+    with pytest.raises(ImportError, match="optional xformers package"):
+        train_dit.parse_args([*base, "--attention_backend", "xformers"])
+    monkeypatch.setattr(attention_module, "xformers_available", lambda: True)  # installed, but a CPU run
+    with pytest.raises(ValueError, match="CUDA-only kernels but the run is on cpu"):
+        train_dit.parse_args([*base, "--attention_backend", "xformers"])
+    with pytest.raises(SystemExit):
+        train_dit.parse_args([*base, "--compile", "--compile_mode", "turbo"])
+    assert "--compile_mode: invalid choice: 'turbo'" in capsys.readouterr().err
+    assert train_dit.parse_args([*base, "--mixed_precision", "bf16"]).mixed_precision == "bf16"
+    with pytest.raises(FileNotFoundError):  # accepted flags reach the data, which is missing here
+        train_dit.main(train_dit.parse_args([*base, "--attention_backend", "auto"]))
