@@ -29,6 +29,13 @@ from tqdm.auto import tqdm
 from uae_gen import UAEDiTPipeline
 from uae_gen.data import balanced_class_labels, random_class_labels
 from uae_gen.metrics import images_to_uint8, save_samples_npz
+from uae_gen.training import (
+    add_attention_backend_argument,
+    add_compile_arguments,
+    check_device_arguments,
+    compile_module,
+    run_device_type,
+)
 
 LABEL_SAMPLERS = {"balanced": balanced_class_labels, "random": random_class_labels}
 SOLVERS = ("euler", "heun", "rk4")
@@ -50,7 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--global_seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="Model weights dtype (the ODE state stays float32).")
+    add_attention_backend_argument(parser)
+    add_compile_arguments(parser, "transformer and the autoencoder's decoder")
     args = parser.parse_args(argv)
+    # xformers without the package or off CUDA fails here, before the pipeline loads (precision is --dtype's).
+    check_device_arguments(args, run_device_type(), mixed_precision="no")
     if args.num_samples < 1:
         parser.error(f"--num_samples must be at least 1, got {args.num_samples}")
     if args.per_proc_batch_size < 1:
@@ -90,6 +101,11 @@ def main(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype)
     pipe = UAEDiTPipeline.from_pretrained(args.pipeline, torch_dtype=dtype).to(state.device)
     pipe.set_progress_bar_config(disable=True)
+    if args.attention_backend is not None:
+        pipe.set_attention_backend(args.attention_backend)
+    if args.compile:  # in place; the first batch compiles, the rest reuse it (a smaller last batch recompiles)
+        compile_module(pipe.transformer, args.compile_mode)
+        compile_module(pipe.vae.decoder, args.compile_mode)
     if args.solver is not None:
         pipe.scheduler.register_to_config(solver=args.solver)
     solver = pipe.scheduler.config.solver
@@ -132,6 +148,8 @@ def main(args: argparse.Namespace) -> dict:
         "global_seed": args.global_seed,
         "noise_seed": "numpy SeedSequence([global_seed, index]), one generator per sample",
         "dtype": args.dtype,
+        "attention_backend": args.attention_backend or pipe.transformer.config.attention_backend,
+        "compile": args.compile_mode if args.compile else None,
         "num_processes": state.num_processes,
         "per_proc_batch_size": args.per_proc_batch_size,
         "sample_dir": str(sample_dir),

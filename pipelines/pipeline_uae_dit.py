@@ -84,6 +84,13 @@ class UAEDiTPipeline(DiffusionPipeline):
             name.strip().lower(): index for index, names in id2label.items() for name in names.split(",")
         }
 
+    def set_attention_backend(self, backend: str) -> None:
+        """Attention backend of the transformer (and the AutoGuidance guide): "sdpa", "xformers" or "auto"; see
+        `UAEDiT.set_attention_backend`. Fails at once when xformers is asked for and not installed."""
+        for transformer in (self.transformer, self.guide_transformer):
+            if transformer is not None:
+                transformer.set_attention_backend(backend)
+
     # ---- labels ---------------------------------------------------------------------------------------------
     def get_label_ids(self, label: Union[str, Sequence[str]]) -> list[int]:
         """Class names (case-insensitive, any synonym) -> ids."""

@@ -413,3 +413,19 @@ def test_shifted_band_clocks_condition_on_band_times_and_mask_drift():
     plain = UAEDiTPipeline(transformer=tiny_pipeline().transformer, vae=vae, scheduler=scheduler)
     with pytest.raises(ValueError, match="num_time_embeddings=1 .* schedule gives 4"):
         plain(class_labels=[1], num_inference_steps=2)
+
+
+def test_set_attention_backend_reaches_transformer_and_guide(monkeypatch):
+    guide = UAEDiT.from_preset("DiT-tiny", in_channels=64, sample_size=8, num_classes=1000).eval()
+    pipe = tiny_pipeline(guide_transformer=guide)
+    with torch.no_grad():
+        before = pipe(class_labels=[1], num_inference_steps=2, generator=seeded(), output_type="latent").images
+        pipe.set_attention_backend("auto")  # SDPA for CPU tensors
+        after = pipe(class_labels=[1], num_inference_steps=2, generator=seeded(), output_type="latent").images
+    layers = [block.attn.backend for model in (pipe.transformer, guide) for block in model.blocks]
+    assert layers == ["auto"] * 4
+    assert torch.equal(after, before) and before.abs().mean() > 0.1
+    from uae_gen.models import attention as attention_module
+    monkeypatch.setattr(attention_module, "xformers_available", lambda: False)
+    with pytest.raises(ImportError, match="optional xformers package"):
+        pipe.set_attention_backend("xformers")

@@ -136,6 +136,49 @@ def test_bad_arguments_are_rejected():
         sample.parse_args(["--pipeline", "p", "--output_dir", "o", "--num_samples", "0"])
 
 
+def test_speed_flags_reach_the_pipeline_and_keep_the_pixels(runs, tmp_path, monkeypatch):
+    """--attention_backend auto (SDPA on CPU) and --compile (torch.compile recorded, not run: tests/test_compile.py
+    compiles for real) reach the transformer and the decoder and leave every pixel as it was."""
+    compiled = []
+
+    def record_compile(fn, **kwargs):
+        compiled.append((type(fn.__self__).__name__, kwargs))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", record_compile)
+    sample = load_script(SAMPLE_SCRIPT)
+    try:
+        settings = sample.main(sample.parse_args([*sample_args(runs / "pipe", tmp_path), "--attention_backend", "auto",
+                                                  "--compile", "--compile_mode", "max-autotune"]))
+    finally:
+        PartialState._reset_state()
+    assert compiled == [("UAEDiT", {"fullgraph": True, "mode": "max-autotune"}),
+                        ("ViTDecoder", {"fullgraph": True, "mode": "max-autotune"})]
+    assert (settings["attention_backend"], settings["compile"]) == ("auto", "max-autotune")
+    baseline, _, _ = only_run(runs / "one_process")
+    assert baseline["attention_backend"] == "sdpa" and baseline["compile"] is None
+    reference = load_samples_npz(Path(baseline["npz"]))
+    again = load_samples_npz(Path(settings["npz"]))
+    assert np.array_equal(again.images, reference.images) and np.array_equal(again.labels, reference.labels)
+
+
+def test_speed_flags_fail_before_the_pipeline_loads(monkeypatch, capsys):
+    from uae_gen.models import attention as attention_module
+
+    sample = load_script(SAMPLE_SCRIPT)
+    base = ["--pipeline", "no-such-pipeline", "--output_dir", "o"]
+    monkeypatch.setattr(attention_module, "xformers_available", lambda: False)
+    with pytest.raises(ImportError, match="optional xformers package"):
+        sample.parse_args([*base, "--attention_backend", "xformers"])
+    monkeypatch.setattr(attention_module, "xformers_available", lambda: True)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    with pytest.raises(ValueError, match="CUDA-only kernels but the run is on cpu"):
+        sample.parse_args([*base, "--attention_backend", "xformers"])
+    with pytest.raises(SystemExit):
+        sample.parse_args([*base, "--compile", "--compile_mode", "fast"])
+    assert "--compile_mode: invalid choice: 'fast'" in capsys.readouterr().err
+
+
 def test_evaluate_generation_scores_the_sampled_npz(runs, tmp_path):
     _, npz_path, _ = only_run(runs / "two_processes")
     weights = save_random_inception_weights(tmp_path / "inception.pth")

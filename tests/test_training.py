@@ -1,5 +1,5 @@
 """uae_gen.training: EMA, LR schedules, crash-safe checkpoints with accelerate, resume data order, image grids,
-presets merged into argparse, loss logging."""
+presets merged into argparse, loss logging, the speed flags' start-up checks (and cache_latents' use of them)."""
 
 import argparse
 import json
@@ -15,11 +15,14 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from uae_gen.models import attention as attention_module
 from uae_gen.training import (
+    COMPILE_MODES,
     EMA,
     EpochShuffleSampler,
     LossLogger,
     add_training_arguments,
+    check_device_arguments,
     checkpoint_step,
     find_latest_checkpoint,
     get_lr_scheduler,
@@ -393,3 +396,67 @@ def test_image_grid_write_is_atomic_and_validates(tmp_path, monkeypatch):
         save_image_grid(torch.zeros(3, 4, 4), str(path))
     with pytest.raises(ValueError, match="labels"):
         save_image_grid(torch.zeros(2, 3, 4, 4), str(path), labels=["one"])
+
+
+# --------------------------------------------------------------------------------------------------- speed flags
+
+def test_check_device_arguments_cases(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    args = argparse.Namespace(mixed_precision="fp16", attention_backend=None)
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        check_device_arguments(args, "cpu")
+    check_device_arguments(args, "cuda")  # fp16 with accelerate's GradScaler on a GPU
+    args.mixed_precision = None  # falls back to what `accelerate launch --mixed_precision` exports
+    check_device_arguments(args, "cpu")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        check_device_arguments(args, "cpu")
+    check_device_arguments(args, "cpu", mixed_precision="bf16")  # what the Accelerator chose wins
+    args = argparse.Namespace(mixed_precision="bf16", attention_backend="xformers")
+    monkeypatch.setattr(attention_module, "xformers_available", lambda: True)
+    check_device_arguments(args, "cuda")
+    with pytest.raises(ValueError, match="CUDA-only kernels but the run is on cpu"):
+        check_device_arguments(args, "cpu")
+    monkeypatch.setattr(attention_module, "xformers_available", lambda: False)
+    with pytest.raises(ImportError, match="optional xformers package"):
+        check_device_arguments(args, "cuda")
+    assert COMPILE_MODES == ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def test_shared_flags_hold_the_speed_options():
+    parser = argparse.ArgumentParser()
+    add_training_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.compile, args.compile_mode, args.gradient_checkpointing) == (False, "default", False)
+    args = parser.parse_args(["--compile", "--compile_mode", "max-autotune", "--gradient_checkpointing"])
+    assert (args.compile, args.compile_mode, args.gradient_checkpointing) == (True, "max-autotune", True)
+
+
+def test_cache_latents_speed_flags(tmp_path, monkeypatch, capsys):
+    """cache_latents: fp16 on the CPU and unknown compile modes fail before the autoencoder loads; --compile
+    compiles the encoder ViT in place (torch.compile recorded here) and leaves the cache bit for bit the same."""
+    from safetensors.torch import load_file
+
+    from uae_gen.models.autoencoder_uae import AutoencoderUAE
+    from uae_gen.scripts import cache_latents
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    if torch.accelerator.is_available():
+        monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    base = ["--vae", str(tmp_path / "vae"), "--dataset", "demo-digits", "--max_samples", "8", "--batch_size", "4"]
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        cache_latents.parse_args([*base, "--output_dir", str(tmp_path / "a"), "--mixed_precision", "fp16"])
+    with pytest.raises(SystemExit):
+        cache_latents.parse_args([*base, "--output_dir", str(tmp_path / "a"), "--compile_mode", "warp"])
+    assert "--compile_mode: invalid choice: 'warp'" in capsys.readouterr().err
+
+    torch.manual_seed(0)
+    AutoencoderUAE.from_preset("tiny").save_pretrained(tmp_path / "vae")
+    cache_latents.main(cache_latents.parse_args([*base, "--output_dir", str(tmp_path / "plain")]))
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append((fn.__self__, kwargs)) or fn)
+    cache_latents.main(cache_latents.parse_args([*base, "--output_dir", str(tmp_path / "compiled"), "--compile"]))
+    assert [(type(module).__name__, kwargs) for module, kwargs in compiled] == [
+        ("SemanticEncoder", {"fullgraph": True, "mode": "default"})]
+    plain, again = (load_file(tmp_path / name / "part-r000-00000.safetensors") for name in ("plain", "compiled"))
+    assert plain.keys() == again.keys() and all(torch.equal(plain[k], again[k]) for k in plain)

@@ -9,6 +9,7 @@ Each rank encodes a contiguous share of the data set (eval mode: no noise; the a
 any, applied) together with the mirrored images, and writes safetensors parts. The ranks' latent statistics
 (per element by default, like the official ones) are merged, stored into the autoencoder, and the autoencoder is
 saved inside the cache; `cache_info.json` is written last. Layout and estimators: uae_gen/data/latent_cache.py.
+On GPUs, `--mixed_precision bf16` encodes under autocast and `--compile` compiles the encoder ViT.
 """
 
 import argparse
@@ -32,6 +33,7 @@ from uae_gen.data import (
 )
 from uae_gen.data.latent_cache import CACHE_INFO, STATS_ESTIMATORS, STORAGE_DTYPES
 from uae_gen.models.autoencoder_uae import AutoencoderUAE
+from uae_gen.training import add_compile_arguments, check_device_arguments, compile_module
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,7 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_samples", type=int, default=None, help="Cache only the first N samples.")
     parser.add_argument("--seed", type=int, default=0, help="Appearance seed of --dataset demo-digits.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing cache in --output_dir.")
+    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                        help="Encode under autocast (default: the accelerate config); statistics stay float64.")
+    add_compile_arguments(parser, "encoder ViT")
     args = parser.parse_args(argv)
+    check_device_arguments(args)  # fp16 on the CPU: an error now, not a silent fp32 run
     if args.batch_size < 1 or args.shard_size < 1:
         parser.error("--batch_size and --shard_size must be positive")
     if args.max_samples is not None and args.max_samples < 1:
@@ -72,7 +78,8 @@ def build_dataset(args, image_size: int):
 
 
 def main(args: argparse.Namespace) -> dict:
-    accelerator = Accelerator()
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    check_device_arguments(args, accelerator.device.type, accelerator.mixed_precision)
     started = time.time()
     if accelerator.is_main_process:
         if os.path.isfile(os.path.join(args.output_dir, CACHE_INFO)) and not args.overwrite:
@@ -82,6 +89,8 @@ def main(args: argparse.Namespace) -> dict:
     accelerator.wait_for_everyone()
 
     vae = AutoencoderUAE.from_pretrained(args.vae).eval().requires_grad_(False).to(accelerator.device)
+    if args.compile:
+        compile_module(vae.encoder, args.compile_mode)
     dataset, id2label = build_dataset(args, vae.config.image_size)
     rank, world = accelerator.process_index, accelerator.num_processes
     share = Subset(dataset, range(rank * len(dataset) // world, (rank + 1) * len(dataset) // world))
@@ -91,8 +100,9 @@ def main(args: argparse.Namespace) -> dict:
     statistics = LatentStatistics(args.latents_stats == "per_channel", args.stats_estimator)
     for images, labels in tqdm(loader, desc="encoding", disable=not accelerator.is_local_main_process):
         images = images.to(accelerator.device)
-        with torch.no_grad():
-            latents, latents_flipped = vae.encode_raw(torch.cat([images, images.flip(-1)])).chunk(2)
+        with torch.no_grad(), accelerator.autocast():
+            latents = vae.encode_raw(torch.cat([images, images.flip(-1)]))
+        latents, latents_flipped = latents.float().chunk(2)  # autocast may return bf16 / fp16
         statistics.update(latents)
         writer.add(latents, latents_flipped, labels)
 
