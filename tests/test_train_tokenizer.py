@@ -376,3 +376,58 @@ def test_precision_and_compile_flags_fail_at_start_up(tmp_path, monkeypatch, cap
     with pytest.raises(SystemExit):
         parse([*base, "--compile", "--compile_mode", "fastest"])
     assert "--compile_mode: invalid choice: 'fastest'" in capsys.readouterr().err
+
+
+def test_stage3_steps_read_only_the_cpu_augmentation_draws_on_the_host(tmp_path, monkeypatch):
+    """Inside the loop body (batch fetching, LossLogger.step and validation not counted), 3 stage-3 steps with the GAN
+    on read no tensor value on the host except DiffAugment's amounts, which it draws from a CPU generator on purpose
+    (CPU tensors: no device sync on a GPU), three per step (generator loss, real and fake of the D step)."""
+    import traceback
+
+    state, reads = {"on": False}, []
+
+    def paused(function):
+        def run(*args, **kwargs):
+            on, state["on"] = state["on"], False
+            try:
+                return function(*args, **kwargs)
+            finally:
+                state["on"] = on
+        return run
+
+    original_batches = train_tokenizer.resumed_batches
+
+    def batches(*args, **kwargs):
+        iterator = original_batches(*args, **kwargs)
+        while True:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            state["on"] = True
+            try:
+                yield item
+            finally:
+                state["on"] = False
+
+    def counted(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if state["on"]:
+                caller = traceback.extract_stack(limit=2)[0]
+                reads.append((name, os.path.basename(caller.filename), caller.name))
+            return original(self, *args, **kwargs)
+        return read
+
+    monkeypatch.setattr(train_tokenizer, "resumed_batches", batches)
+    monkeypatch.setattr(train_tokenizer.LossLogger, "step", paused(train_tokenizer.LossLogger.step))
+    monkeypatch.setattr(train_tokenizer, "validate", paused(train_tokenizer.validate))
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    summary = run_in_process(tiny_argv(3, tmp_path / "stage3", 3, "--random_encoder", "--train_batch_size", 2,
+                                       "--discriminator_start_step", 0, "--gan_start_step", 0, "--logging_steps", 100,
+                                       "--validation_steps", 100))
+    monkeypatch.undo()
+    assert summary["global_step"] == 3 and "generator" in summary["losses"] and "discriminator" in summary["losses"]
+    assert reads == [("tolist", "diffaugment.py", "sample")] * 9
