@@ -40,25 +40,7 @@ import torch
 
 from uae_gen import AutoencoderUAE, BandProjector
 from uae_gen.demo_classifiers import accuracy, classifier_features, predict
-from uae_gen.demo_setup import (
-    DIT_MODEL,
-    GUIDANCE_SCALE,
-    SHARED_MIN_STEPS,
-    SHARED_STEPS,
-    PhaseTimer,
-    cache_latents,
-    generate,
-    linear_probe_top1,
-    probe_features,
-    raw_latents,
-    read_summary,
-    reconstruct,
-    scaled_step_counts,
-    train_dit,
-    train_teacher_and_judge,
-    train_tokenizer_stage,
-    write_text,
-)
+from uae_gen import demo_setup as shared  # what the demo and this study share
 from uae_gen.metrics import frechet_distance_from_features, psnr, ssim
 from uae_gen.training import save_image_grid, write_json
 
@@ -67,8 +49,8 @@ DEFAULT_MINUTES = 25.0
 # and sampling counts are the demo's. Measured at 1 thread: tokenizer ~0.05 s/step (stage 2 ~0.06), 200 samples
 # x 20 CFG steps ~65 s; DiT-mini (bf16 autocast where the CPU has it natively, as in the demo) ~0.2 s/step at
 # 2 threads.
-FULL_BUDGET_STEPS = {**SHARED_STEPS, "tokenizer": 800, "dit": 1100}
-MIN_STEPS = {**SHARED_MIN_STEPS, "tokenizer": 2}
+FULL_BUDGET_STEPS = {**shared.SHARED_STEPS, "tokenizer": 800, "dit": 1100}
+MIN_STEPS = {**shared.SHARED_MIN_STEPS, "tokenizer": 2}
 PROGRESSIVE_STAGGER = 0.5
 GENERATION_ROWS = {"uniform": 0.0, "progressive": PROGRESSIVE_STAGGER}
 FULL_UAE_BANDS = 4
@@ -131,7 +113,7 @@ GENERATION_COLUMNS = (
 def step_counts(minutes: float) -> dict[str, int]:
     """Steps of each phase for a budget of `minutes` (the default budget gives FULL_BUDGET_STEPS), plus the split of
     the tokenizer budget between stage 1 and stage 2 for the encoder-tuning rows."""
-    counts = scaled_step_counts(minutes, FULL_BUDGET_STEPS, MIN_STEPS, DEFAULT_MINUTES)
+    counts = shared.scaled_step_counts(minutes, FULL_BUDGET_STEPS, MIN_STEPS, DEFAULT_MINUTES)
     counts["tokenizer_stage1"] = counts["tokenizer"] // 2
     counts["tokenizer_stage2"] = counts["tokenizer"] - counts["tokenizer_stage1"]
     return counts
@@ -154,7 +136,7 @@ def tokenizer_run(out: Path, output_dir: Path, stage: int, steps: int, seed: int
                   band_noise: bool, flags: list) -> dict:
     """Train one tokenizer stage; what the row record keeps of it (wall: the run as the script times itself)."""
     flags = ["--band_noise" if band_noise else "--no-band_noise", *flags]
-    summary = train_tokenizer_stage(stage, steps, output_dir, seed, teacher_file, flags)
+    summary = shared.train_tokenizer_stage(stage, steps, output_dir, seed, teacher_file, flags)
     return {"stage": summary["stage"], "dir": output_dir.relative_to(out).as_posix(), "steps": summary["global_step"],
             "band_noise": summary["band_noise"], "trained": summary["trained"], "wall_s": summary["wall_time_s"]}
 
@@ -191,28 +173,28 @@ def teacher_scores(teacher, train, heldout) -> dict[str, float]:
     (the paper's "band 0 vs DINOv2" comparison)."""
     z_train, z_heldout = teacher_latents(teacher, train.images), teacher_latents(teacher, heldout.images)
     projector = BandProjector(*z_train.shape[-2:], num_bands=FULL_UAE_BANDS)
-    band0 = lambda z: probe_features(projector.split(z)[:, 0])  # noqa: E731
+    band0 = lambda z: shared.probe_features(projector.split(z)[:, 0])  # noqa: E731
     return {
         "heldout_accuracy": accuracy(predict(teacher, heldout.images), heldout.labels),
-        "probe_top1": linear_probe_top1(probe_features(z_train), train.labels, probe_features(z_heldout),
-                                        heldout.labels),
-        "band0_probe_top1": linear_probe_top1(band0(z_train), train.labels, band0(z_heldout), heldout.labels),
+        "probe_top1": shared.linear_probe_top1(shared.probe_features(z_train), train.labels,
+                                               shared.probe_features(z_heldout), heldout.labels),
+        "band0_probe_top1": shared.linear_probe_top1(band0(z_train), train.labels, band0(z_heldout), heldout.labels),
     }
 
 
 def tokenizer_scores(vae: AutoencoderUAE, train, heldout, judge, heldout_features) -> tuple[dict, torch.Tensor]:
     """Held-out PSNR / SSIM (8-bit levels), judge-FID and judge accuracy of the reconstructions, band-0 probe;
     and the reconstructions."""
-    recon = reconstruct(vae, heldout.images)
+    recon = shared.reconstruct(vae, heldout.images)
     x, reference = (recon + 1) / 2, (heldout.images + 1) / 2
-    band0 = lambda z: probe_features(vae.split_bands(z)[:, 0])  # noqa: E731
+    band0 = lambda z: shared.probe_features(vae.split_bands(z)[:, 0])  # noqa: E731
     scores = {
         "heldout_psnr": psnr(x, reference).mean().item(),
         "heldout_ssim": ssim(x, reference).mean().item(),
         "judge_fid": frechet_distance_from_features(classifier_features(judge, recon).numpy(), heldout_features),
         "judge_accuracy": accuracy(predict(judge, recon), heldout.labels),
-        "band0_probe_top1": linear_probe_top1(band0(raw_latents(vae, train.images)), train.labels,
-                                              band0(raw_latents(vae, heldout.images)), heldout.labels),
+        "band0_probe_top1": shared.linear_probe_top1(band0(shared.raw_latents(vae, train.images)), train.labels,
+                                                     band0(shared.raw_latents(vae, heldout.images)), heldout.labels),
     }
     return scores, recon
 
@@ -221,14 +203,14 @@ def generation_rows(out: Path, d_dir: Path, steps: dict, seed: int, train, judge
     """Cache row d's latents, train the DiT once per schedule with equal budgets, sample and score; returns the rows
     and one sample per class of each."""
     work = out / "work"
-    cache_latents(d_dir, work / "latents-d", seed)
+    shared.cache_latents(d_dir, work / "latents-d", seed)
     rows, firsts, n = [], [], steps["dit"]
     for name, stagger in GENERATION_ROWS.items():
         dit_dir = work / f"dit-{name}"
-        pipe = train_dit(work / "latents-d", dit_dir, n, seed, flags=["--band_stagger", stagger])
-        wall = read_summary(dit_dir)["seconds"]
+        pipe = shared.train_dit(work / "latents-d", dit_dir, n, seed, flags=["--band_stagger", stagger])
+        wall = shared.read_summary(dit_dir)["seconds"]
         per_class, started = steps["samples_per_class"], time.time()
-        images, labels, _ = generate(pipe, train.num_classes, per_class, steps["inference_steps"], seed)
+        images, labels, _ = shared.generate(pipe, train.num_classes, per_class, steps["inference_steps"], seed)
         rows.append({
             "key": name, "train_band_stagger": stagger,
             "sampling_band_stagger": pipe.scheduler.band_schedule.stagger, "solver": pipe.scheduler.config.solver,
@@ -251,8 +233,8 @@ def run_ablation(out_dir: str = "uae_gen_ablation", minutes: float = DEFAULT_MIN
     out = Path(out_dir)
     (out / "work").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    timer = PhaseTimer()
-    train, heldout, teacher, teacher_file, judge = train_teacher_and_judge(out / "work", steps, seed, timer)
+    timer = shared.PhaseTimer()
+    train, heldout, teacher, teacher_file, judge = shared.train_teacher_and_judge(out / "work", steps, seed, timer)
 
     stage1_runs, tokenizer_rows, reconstructions = {}, {}, {}
     for key in rows:
@@ -289,8 +271,8 @@ def run_ablation(out_dir: str = "uae_gen_ablation", minutes: float = DEFAULT_MIN
 
     result = {
         "settings": {"preset": "demo", "dataset": "demo-digits", "seed": seed, "minutes_budget": minutes,
-                     "rows": rows, "tokenizer_config": "tiny", "dit_config": "dit_tiny", "dit_model": DIT_MODEL,
-                     "guidance_scale": GUIDANCE_SCALE, "num_inference_steps": steps["inference_steps"],
+                     "rows": rows, "tokenizer_config": "tiny", "dit_config": "dit_tiny", "dit_model": shared.DIT_MODEL,
+                     "guidance_scale": shared.GUIDANCE_SCALE, "num_inference_steps": steps["inference_steps"],
                      "progressive_band_stagger": PROGRESSIVE_STAGGER, "num_heldout": len(heldout),
                      "num_train": len(train)},
         "steps": steps,
@@ -313,7 +295,7 @@ def run_ablation(out_dir: str = "uae_gen_ablation", minutes: float = DEFAULT_MIN
         save_image_grid(samples, str(out / "samples.png"), nrow=train.num_classes,
                         labels=[row["key"] for row in generation for _ in range(train.num_classes)])
     write_json(str(out / "ablation.json"), result)
-    write_text(out / "ablation.md", markdown_report(result))
+    shared.write_text(out / "ablation.md", markdown_report(result))
     print(f"\nablation: done in {wall['total_s'] / 60:.1f} min -> {out}/ablation.md")
     return result
 
