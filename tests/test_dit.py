@@ -336,6 +336,45 @@ def test_frequency_tokens_save_reload_and_validation(tmp_path):
         UAEDiT.from_preset("DiT-tiny", **TINY, patch_size=2, frequency_tokens=16)
 
 
+def test_grouped_frequency_tokens_read_back_in_the_order_they_were_embedded():
+    model = UAEDiT.from_preset("DiT-tiny", **TINY, frequency_tokens=64, coefficients_per_token=2)
+    channels, hidden = model.config.in_channels, model.config.hidden_size
+    # An embedder that copies each token's (group, channel) coefficients into its first 2 * C features: the layout
+    # in which the final layer's output is read back.
+    weight = torch.zeros(hidden, channels, 1, 2)
+    for g in range(2):
+        for c in range(channels):
+            weight[g * channels + c, c, 0, g] = 1.0
+    with torch.no_grad():
+        model.x_embedder.weight.copy_(weight)
+        model.x_embedder.bias.zero_()
+    sample = torch.randn(3, channels, 8, 8)
+    tokens = model._embed_patches(model.x_embedder, sample)
+    assert tokens.shape == (3, 32, hidden)  # 64 coefficients, two per token
+    assert torch.allclose(model._unpatchify(tokens[..., : 2 * channels]), sample, atol=1e-5)  # all 64 kept
+
+
+@pytest.mark.parametrize("preset", ["DiT-tiny", "DiT-DH-tiny"])
+def test_grouped_frequency_tokens_cover_the_whole_spectrum(preset, tmp_path):
+    model = perturbed(UAEDiT.from_preset(preset, **TINY, frequency_tokens=64, coefficients_per_token=4)).eval()
+    sample, timestep, labels = inputs(model)
+    seen = []
+    model.blocks[0].register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    velocity = model(sample, timestep, labels).sample
+    assert seen == [(3, 16, 64)]  # 64 coefficients in 16 tokens
+    lowpass = DCTBandTransform(8, 8, cutoffs=[]).lowpass
+    assert (lowpass(velocity, 60) - velocity).abs().max() > 1e-3  # the top coefficients move too
+    assert (model(lowpass(sample, 63), timestep, labels).sample - velocity).abs().max() > 1e-4  # and are seen
+    model.save_pretrained(tmp_path)
+    reloaded = UAEDiT.from_pretrained(tmp_path).eval()
+    assert torch.equal(reloaded(sample, timestep, labels).sample, velocity)
+    with pytest.raises(ValueError, match="frequency_tokens=10 is not divisible by coefficients_per_token=4"):
+        UAEDiT.from_preset(preset, **TINY, frequency_tokens=10, coefficients_per_token=4)
+    for bad in ({"coefficients_per_token": 2}, {"frequency_tokens": 16, "coefficients_per_token": 0}):
+        with pytest.raises(ValueError, match="coefficients_per_token must be >= 1, and above 1 only with"):
+            UAEDiT.from_preset(preset, **TINY, **bad)
+
+
 @pytest.mark.parametrize("preset", ["DiT-tiny", "DiT-DH-tiny"])
 def test_one_time_embedding_per_band_clock(preset):
     model = perturbed(UAEDiT.from_preset(preset, **TINY, num_time_embeddings=4)).eval()

@@ -244,6 +244,8 @@ def test_frequency_limited_latent_with_frequency_tokens(data, tmp_path):
     (["--frequency_tokens"], "--frequency_tokens .* give --latent_lowpass N"),
     (["--latent_lowpass", "0"], r"--latent_lowpass must lie in \[1, 64\].*got 0"),
     (["--latent_lowpass", "65", "--frequency_tokens"], r"--latent_lowpass must lie in \[1, 64\].*got 65"),
+    (["--latent_lowpass", "64", "--coefficients_per_token", "2"], "above 1 only with --frequency_tokens; got 2"),
+    (["--latent_lowpass", "64", "--frequency_tokens", "--coefficients_per_token", "0"], "must be >= 1.*got 0"),
 ])
 def test_frequency_limited_latent_bad_input(data, tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):

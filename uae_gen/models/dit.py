@@ -280,6 +280,7 @@ class UAEDiT(ModelMixin, ConfigMixin):
         time_embedding_type: str = "gaussian_fourier",
         attention_backend: str = "sdpa",
         frequency_tokens: int | None = None,
+        coefficients_per_token: int = 1,
         num_time_embeddings: int = 1,
     ):
         super().__init__()
@@ -302,20 +303,29 @@ class UAEDiT(ModelMixin, ConfigMixin):
             raise ValueError(f"num_time_embeddings must be >= 1 and divide hidden_size {hidden_size}; "
                              f"got {num_time_embeddings}")
         if frequency_tokens is not None and patch_size != 1:
-            raise ValueError(f"frequency_tokens needs patch_size 1 (one token per coefficient); got {patch_size}")
+            raise ValueError(f"frequency_tokens needs patch_size 1 (coefficients_per_token groups them); got {patch_size}")
+        if coefficients_per_token < 1 or (coefficients_per_token > 1 and frequency_tokens is None):
+            raise ValueError("coefficients_per_token must be >= 1, and above 1 only with frequency_tokens; "
+                             f"got {coefficients_per_token} (frequency_tokens={frequency_tokens})")
+        if frequency_tokens is not None and frequency_tokens % coefficients_per_token:
+            raise ValueError(f"frequency_tokens={frequency_tokens} is not divisible by coefficients_per_token="
+                             f"{coefficients_per_token}")
         if use_pos_embed and hidden_size % 4:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by 4 for the 2-D sin-cos pos-embed")
         self.gradient_checkpointing = False
 
         grid = sample_size // patch_size
-        patch_dim = in_channels * patch_size * patch_size
+        group = coefficients_per_token
+        patch_dim = in_channels * (patch_size * patch_size if frequency_tokens is None else group)
         block_options = dict(mlp_ratio=mlp_ratio, use_qknorm=use_qknorm, use_swiglu=use_swiglu,
                              use_rmsnorm=use_rmsnorm, wo_shift=wo_shift, backend=attention_backend)
-        # Frequency tokens: the model sees only the first N zig-zag DCT coefficients of its input (N tokens instead
-        # of h*w, placed at their (row, column) frequency) and returns a velocity inside that low-pass subspace.
+        # Frequency tokens: the model sees only the first N zig-zag DCT coefficients of its input and returns a
+        # velocity inside that low-pass subspace. Each run of `coefficients_per_token` consecutive coefficients is
+        # one token (a 1-D patch along the zig-zag), placed at its first coefficient's (row, column) frequency.
         self.frequency_layout = None if frequency_tokens is None else LowFrequencyTokens(grid, grid, frequency_tokens)
-        positions = None if self.frequency_layout is None else self.frequency_layout.indices
-        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        positions = None if self.frequency_layout is None else self.frequency_layout.indices[::group]
+        kernel = patch_size if frequency_tokens is None else (1, group)
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel, stride=kernel)
         self.t_embedder = (TimestepEmbedder(hidden_size, time_embedding_type) if num_time_embeddings == 1 else
                            BandTimestepEmbedder(hidden_size, num_time_embeddings, time_embedding_type))
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
@@ -326,7 +336,7 @@ class UAEDiT(ModelMixin, ConfigMixin):
         if self.has_head:
             widen = head_hidden_size != hidden_size
             self.head_cond_proj = nn.Linear(hidden_size, head_hidden_size) if widen else nn.Identity()
-            self.head_x_embedder = nn.Conv2d(in_channels, head_hidden_size, patch_size, stride=patch_size)
+            self.head_x_embedder = nn.Conv2d(in_channels, head_hidden_size, kernel, stride=kernel)
             self.head_blocks = nn.ModuleList(
                 DiTBlock(head_hidden_size, head_num_heads, **block_options) for _ in range(head_depth))
         if use_rope:
@@ -441,12 +451,15 @@ class UAEDiT(ModelMixin, ConfigMixin):
         # (B, N, D), tokens in row-major order (or zig-zag order of frequency). Contiguous: the residual stream keeps
         # the layout of its first tensor, and a transposed one would make every LayerNorm and Linear copy it again.
         if self.frequency_layout is not None:
-            sample = self.frequency_layout.to_tokens(sample).unsqueeze(-1)  # (B, C, N, 1): a 1x1 conv per token
+            sample = self.frequency_layout.to_tokens(sample).unsqueeze(-2)  # (B, C, 1, N): a (1, G) patch per token
         return embedder(sample).flatten(2).transpose(1, 2).contiguous()
 
     def _unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.frequency_layout is not None:
-            return self.frequency_layout.from_tokens(tokens.transpose(1, 2))
+            # Each token holds (G, C): its G coefficients of every channel, back in zig-zag order.
+            batch, num_tokens = tokens.shape[:2]
+            coefficients = tokens.reshape(batch, num_tokens, self.config.coefficients_per_token, -1).permute(0, 3, 1, 2)
+            return self.frequency_layout.from_tokens(coefficients.reshape(batch, self.config.in_channels, -1))
         # Each token holds a (p, p, C) patch, as in DiT and the official RAE code.
         p, channels = self.config.patch_size, self.config.in_channels
         grid = self.config.sample_size // p

@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(the UAE v2 frequency-limited latent; per-channel statistics recomputed on it)")
     add("--frequency_tokens", action=flag, default=False,
         help="the DiT runs on those N coefficients as N tokens instead of h*w (needs --latent_lowpass)")
+    add("--coefficients_per_token", type=int, default=1,
+        help="with --frequency_tokens: G consecutive zig-zag coefficients per token (N/G tokens)")
     # validation: a sample grid of the EMA model every --validation_steps
     add("--num_validation_images", type=int, default=16)
     add("--validation_num_inference_steps", type=int, default=25)
@@ -110,6 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError(f"--band0_loss_weight must be positive, got {args.band0_loss_weight}")
     if args.frequency_tokens and args.latent_lowpass is None:
         raise ValueError("--frequency_tokens runs the DiT on the low-passed latent's coefficients: give --latent_lowpass N")
+    if args.coefficients_per_token < 1 or (args.coefficients_per_token > 1 and not args.frequency_tokens):
+        raise ValueError(f"--coefficients_per_token must be >= 1, and above 1 only with --frequency_tokens; got "
+                         f"{args.coefficients_per_token}")
     for name in ("num_validation_images", "validation_num_inference_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -202,6 +207,16 @@ def make_flow_scheduler(args, vae: AutoencoderUAE) -> FlowMatchBandScheduler:
     return scheduler
 
 
+def make_transformer(args, vae: AutoencoderUAE, num_classes: int, num_model_times: int) -> UAEDiT:
+    """A fresh `args.model` on `vae`'s latent (frequency tokens on --latent_lowpass N when --frequency_tokens),
+    taking `num_model_times` times (the band schedule's)."""
+    return UAEDiT.from_preset(args.model, in_channels=vae.latent_channels, sample_size=vae.latent_size[0],
+                              num_classes=num_classes, class_dropout_prob=args.class_dropout_prob,
+                              frequency_tokens=args.latent_lowpass if args.frequency_tokens else None,
+                              coefficients_per_token=args.coefficients_per_token,
+                              num_time_embeddings=num_model_times)
+
+
 @torch.no_grad()
 def encode_images(vae: AutoencoderUAE, images: torch.Tensor, random_flip: bool) -> torch.Tensor:
     """Normalised latents of [-1, 1] images; with random_flip each image is mirrored with probability 1/2, drawn
@@ -249,10 +264,7 @@ def main(args: argparse.Namespace) -> dict:
     scheduler = make_flow_scheduler(args, vae)
     schedule = scheduler.band_schedule
     split_bands = vae.split_bands if schedule.is_staggered or args.band0_loss_weight != 1.0 else None
-    transformer = UAEDiT.from_preset(args.model, in_channels=vae.latent_channels, sample_size=vae.latent_size[0],
-                                     num_classes=len(id2label), class_dropout_prob=args.class_dropout_prob,
-                                     frequency_tokens=args.latent_lowpass if args.frequency_tokens else None,
-                                     num_time_embeddings=schedule.num_model_times)
+    transformer = make_transformer(args, vae, len(id2label), schedule.num_model_times)
     if args.attention_backend is not None:
         transformer.set_attention_backend(args.attention_backend)
     if args.gradient_checkpointing:
