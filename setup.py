@@ -24,6 +24,7 @@ setup(
         "scipy",
         "scikit-learn",
         "scikit-image",
+        "matplotlib",  # eval/ablation.py's generation curves
         "lpips",  # only for its shipped LPIPS v0.1 VGG linear-layer weights (uae_gen.losses.lpips)
     ],
     extras_require={

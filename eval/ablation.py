@@ -1,5 +1,5 @@
 """The paper's ablation at small scale: RAE-style tokenizer -> + BandProjector -> + encoder tuning -> + noise
-injection, a band-count sweep, and uniform vs band-progressive generation, on the demo digits with the demo teacher.
+injection, a band-count sweep, and uniform vs low-to-high generation, on the demo digits with the demo teacher.
 
     python eval/ablation.py --out_dir uae_gen_ablation --minutes 25     # CPU, offline: ablation.md / .json / .png
     python eval/ablation.py --preset imagenet256                        # prints the same study at the paper's scale
@@ -20,29 +20,40 @@ by every row. Tokenizer rows, each with the same seed and one equal step budget 
   k2, k8   the band-count sweep: d with K=2 and K=8 (K=4 is d).
 
 Rows c and d share their stage-1 run (same seed and configuration). There is no stage 3 (GAN): its discriminator
-makes a step about 8x the cost of a stage-1 step on the CPU. Generation ("gen"): a DiT on row d's latent with one
-equal budget, uniform (--band_stagger 0, plain flow matching) vs band-progressive (--band_stagger 0.5: band 0 is
-clean from t = 0.5 on, the highest band only at t = 0); both sample with the scheduler saved in their pipeline,
-with CFG at the same number of steps.
+makes a step about 8x the cost of a stage-1 step on the CPU.
+
+Generation ("gen", on row d's latent or --latent_cache): uniform flow matching against low-to-high generators
+(GENERATION_ROWS: compressed or shifted band clocks, the frequency-limited latent, frequency tokens), each trained
+for the same wall-clock time (uniform's steps x the step-time ratio, timed side by side in this process) for every
+seed of --generation_seeds, checkpointed every quarter; each picks its CFG scale on GUIDANCE_GRID, then is scored at
+every NFE of NFE_GRID and at every checkpoint (generation.png: the curves).
+
+    python eval/ablation.py --rows gen --latent_cache uae_gen_demo/work/latents --generation_seeds 0 1 2 \
+        --generation_rows uniform progressive freq64x2
 
 Writes to --out_dir: ablation.md (tables, row notes, the paper's claims checked), ablation.json (every number,
 setting and step count), reconstructions.png (held-out originals, then each row's reconstructions), samples.png
-(one sample per class per schedule) and work/ (every trained model).
+(one sample per class per generator), generation.png and work/ (every trained model).
 """
 
 import argparse
 import json
+import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from uae_gen import AutoencoderUAE, BandProjector
+from uae_gen import AutoencoderUAE, BandProjector, UAEDiTPipeline
+from uae_gen.data import LatentCacheDataset
+from uae_gen.models.dit import UAEDiT
+from uae_gen.scripts import train_dit as train_dit_script
 from uae_gen.demo_classifiers import accuracy, classifier_features, predict
 from uae_gen import demo_setup as shared  # what the demo and this study share
 from uae_gen.metrics import frechet_distance_from_features, psnr, ssim
-from uae_gen.training import save_image_grid, write_json
+from uae_gen.training import read_preset, save_image_grid, write_json
 
 DEFAULT_MINUTES = 25.0
 # Steps at the default budget; each scales linearly with --minutes, clamped below by MIN_STEPS. The teacher, judge
@@ -52,7 +63,14 @@ DEFAULT_MINUTES = 25.0
 FULL_BUDGET_STEPS = {**shared.SHARED_STEPS, "tokenizer": 800, "dit": 1100}
 MIN_STEPS = {**shared.SHARED_MIN_STEPS, "tokenizer": 2}
 PROGRESSIVE_STAGGER = 0.5
-GENERATION_ROWS = {"uniform": 0.0, "progressive": PROGRESSIVE_STAGGER}
+FINAL_FID_RATIO, QUARTER_FID_RATIO = 0.8, 0.6  # "beats uniform": judge-FID at the end / at 1/4 of the budget
+SHIFTED_STAGGER = 0.3  # SFD's best offset (FID 3.03 vs 5.24 at 0 and 5.41 at 1.0)
+# Generation scoring: each row's CFG scale is picked on GUIDANCE_GRID at REFERENCE_NFE (lowest judge-FID, mean over
+# seeds), then scored at every NFE and at the checkpoint after each quarter of the training budget.
+GUIDANCE_GRID = (3.0, 7.0)
+NFE_GRID = (10, 25, 50)
+REFERENCE_NFE = 25
+CHECKPOINT_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 FULL_UAE_BANDS = 4
 # Thresholds of the claim checks in ablation.md.
 PROBE_TOLERANCE = 0.02  # band 0 "keeps the semantics" when its probe is at most 2 points under the teacher's
@@ -103,10 +121,17 @@ TOKENIZER_COLUMNS = (
     ("teacher probe", "teacher_probe_top1", ".3f"),
     ("wall (s)", "wall_s", ".1f"),
 )
+# (header, setting of the row's summary, score, format); cells are "mean ± std" over the seeds.
 GENERATION_COLUMNS = (
-    ("judge acc.", "judge_accuracy", ".3f"),
-    ("judge-FID", "judge_fid", ".2f"),
-    ("wall (s)", "wall_s", ".1f"),
+    ("acc. 1/4", "quarter", "judge_accuracy", ".3f"),
+    ("FID 1/4", "quarter", "judge_fid", ".1f"),
+    ("acc. NFE 10", "nfe10", "judge_accuracy", ".3f"),
+    ("FID NFE 10", "nfe10", "judge_fid", ".1f"),
+    ("acc. NFE 25", "nfe25", "judge_accuracy", ".3f"),
+    ("FID NFE 25", "nfe25", "judge_fid", ".1f"),
+    ("acc. NFE 50", "nfe50", "judge_accuracy", ".3f"),
+    ("FID NFE 50", "nfe50", "judge_fid", ".1f"),
+    ("ms/sample NFE 25", "nfe25", "ms_per_sample", ".0f"),
 )
 
 
@@ -119,13 +144,13 @@ def step_counts(minutes: float) -> dict[str, int]:
     return counts
 
 
-def selected_rows(rows) -> list[str]:
-    """The requested rows in table order; generation needs row d (its latent)."""
+def selected_rows(rows, latent_cache: str | None = None) -> list[str]:
+    """The requested rows in table order; generation needs row d (its latent) unless given a latent cache."""
     unknown = sorted(set(rows) - set(ROW_CHOICES))
     if unknown:
         raise ValueError(f"unknown rows {unknown}; choose from {list(ROW_CHOICES)}")
-    if "gen" in rows and "d" not in rows:
-        raise ValueError("row 'gen' trains the DiT on row d's latent: add 'd' to --rows")
+    if "gen" in rows and "d" not in rows and latent_cache is None:
+        raise ValueError("row 'gen' trains the DiT on row d's latent: add 'd' to --rows (or give --latent_cache)")
     return [key for key in ROW_CHOICES if key in rows]
 
 
@@ -199,37 +224,158 @@ def tokenizer_scores(vae: AutoencoderUAE, train, heldout, judge, heldout_feature
     return scores, recon
 
 
-def generation_rows(out: Path, d_dir: Path, steps: dict, seed: int, train, judge, heldout_features):
-    """Cache row d's latents, train the DiT once per schedule with equal budgets, sample and score; returns the rows
-    and one sample per class of each."""
-    work = out / "work"
-    shared.cache_latents(d_dir, work / "latents-d", seed)
-    rows, firsts, n = [], [], steps["dit"]
-    for name, stagger in GENERATION_ROWS.items():
-        dit_dir = work / f"dit-{name}"
-        pipe = shared.train_dit(work / "latents-d", dit_dir, n, seed, flags=["--band_stagger", stagger])
-        wall = shared.read_summary(dit_dir)["seconds"]
-        per_class, started = steps["samples_per_class"], time.time()
-        images, labels, _ = shared.generate(pipe, train.num_classes, per_class, steps["inference_steps"], seed)
-        rows.append({
-            "key": name, "train_band_stagger": stagger,
-            "sampling_band_stagger": pipe.scheduler.band_schedule.stagger, "solver": pipe.scheduler.config.solver,
-            "dit_steps": n, "pipeline_dir": (dit_dir / "pipeline").relative_to(out).as_posix(),
-            "judge_accuracy": accuracy(predict(judge, images), labels),
-            "judge_fid": frechet_distance_from_features(classifier_features(judge, images).numpy(), heldout_features),
-            "num_generated": len(images), "wall_s": round(wall, 1), "sampling_wall_s": round(time.time() - started, 1),
-        })
-        firsts.append(images[::per_class])
-    return rows, torch.cat(firsts)
+@dataclass(frozen=True)
+class GenerationRow:
+    """One generator of the study: its train_dit flags on top of the dit_tiny preset."""
+
+    key: str
+    flags: tuple
+    note: str
+
+
+GENERATION_ROWS = (
+    GenerationRow("uniform", (), "plain flow matching: one time for the whole latent (the default)"),
+    GenerationRow("progressive", ("--band_stagger", PROGRESSIVE_STAGGER),
+                  f"compressed band clocks, stagger {PROGRESSIVE_STAGGER}: band 0 is clean from t = "
+                  f"{PROGRESSIVE_STAGGER} on, the highest band only at t = 0"),
+    GenerationRow("shifted", ("--band_clock", "shifted", "--band_stagger", SHIFTED_STAGGER, "--band0_loss_weight", 2.0),
+                  f"SFD's shifted band clocks (band 0 leads by {SHIFTED_STAGGER}, one time embedding per band, "
+                  "band 0's loss x2, finished bands' drift masked)"),
+    GenerationRow("lowpass32", ("--latent_lowpass", 32, "--frequency_tokens"),
+                  "the UAE v2 frequency-limited latent: the first 32 of the 64 zig-zag DCT coefficients per channel, "
+                  "one token each (32 tokens)"),
+    GenerationRow("freq64x2", ("--latent_lowpass", 64, "--frequency_tokens", "--coefficients_per_token", 2),
+                  "the whole DCT spectrum in zig-zag order, two neighbouring coefficients per token: 32 tokens "
+                  "ordered from low to high frequency"),
+    GenerationRow("freq64x4", ("--latent_lowpass", 64, "--frequency_tokens", "--coefficients_per_token", 4),
+                  "as freq64x2 with four coefficients per token: 16 tokens"),
+)
+GENERATION_BY_KEY = {row.key: row for row in GENERATION_ROWS}
+DEFAULT_GENERATION_ROWS = ("uniform", "progressive", "freq64x2")
+
+
+def dit_step_seconds(rows: list[GenerationRow], latent_cache: Path, num_classes: int) -> dict[str, float]:
+    """Median seconds of one training step (forward, backward, AdamW) of each row's transformer, built by
+    train_dit's own `make_transformer` from the row's flags, on the cache's latent shape with the script's batch
+    and autocast. The rows are timed round-robin in this process, so each sees the same machine load: the ratios
+    set the equal-time budgets even on a busy machine."""
+    bf16 = shared.dit_mixed_precision() == "bf16"
+    models = {}
+    for row in rows:
+        args = train_dit_script.parse_args(["--config", "dit_tiny", "--model", shared.DIT_MODEL,
+                                            "--latent_cache", str(latent_cache), *map(str, row.flags)])
+        vae = AutoencoderUAE.from_pretrained(LatentCacheDataset(latent_cache).autoencoder_dir)
+        times = train_dit_script.make_flow_scheduler(args, vae).band_schedule.num_model_times
+        model = train_dit_script.make_transformer(args, vae, num_classes, times)
+        models[row.key] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True), times, vae)
+    seconds = {key: [] for key in models}
+    for _ in range(shared.CALIBRATION_STEPS + 1):
+        for key, (model, optimizer, times, vae) in models.items():
+            batch = read_preset("tiny", "dit_")["train_batch_size"]
+            x = torch.randn(batch, vae.latent_channels, *vae.latent_size)
+            t = torch.rand(batch, times).squeeze(1)
+            y = torch.randint(num_classes, (batch,))
+            started = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = (model(x, t, y).sample.float() - x).square().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds[key].append(time.perf_counter() - started)
+    return {key: statistics.median(times[1:]) for key, times in seconds.items()}  # the first step warms up
+
+
+def score_samples(pipe, judge, heldout_features, num_classes: int, per_class: int, nfe: int, guidance_scale: float,
+                  seed: int) -> tuple[dict, torch.Tensor]:
+    """Judge accuracy, judge-FID and sampling ms per image of `pipe`'s samples, and one sample per class."""
+    started = time.perf_counter()
+    images, labels, _ = shared.generate(pipe, num_classes, per_class, nfe, seed, guidance_scale)
+    ms = (time.perf_counter() - started) * 1000 / len(images)
+    return {
+        "judge_accuracy": accuracy(predict(judge, images), labels),
+        "judge_fid": frechet_distance_from_features(classifier_features(judge, images).numpy(), heldout_features),
+        "ms_per_sample": ms,
+    }, images[::per_class]
+
+
+def generation_rows(out: Path, latent_cache: Path, keys: list[str], steps: dict, seeds: list[int], num_classes: int,
+                    judge, heldout_features) -> tuple[list[dict], torch.Tensor]:
+    """Train every row's DiT for each seed with an equal training-time budget (uniform's steps x the in-process
+    step-time ratio), checkpointed every quarter; score every run at NFE 25 over GUIDANCE_GRID, pick each row's
+    scale (lowest judge-FID, mean over seeds), then score that scale at every NFE of NFE_GRID and at every
+    checkpoint. Returns the rows and one sample per class of each (first seed, final, NFE 25)."""
+    rows = [GENERATION_BY_KEY[key] for key in keys]
+    step_seconds = dit_step_seconds(rows, latent_cache, num_classes)
+    uniform_seconds = step_seconds["uniform"]
+    per_class, results, samples = steps["samples_per_class"], [], []
+    for row in rows:
+        n = max(MIN_STEPS["dit"], round(steps["dit"] * uniform_seconds / step_seconds[row.key]))
+        every = max(1, n // len(CHECKPOINT_FRACTIONS))
+        record = {"key": row.key, "flags": list(row.flags), "note": row.note, "dit_steps": n,
+                  "checkpoint_steps": [every * (i + 1) for i in range(len(CHECKPOINT_FRACTIONS) - 1)] + [n],
+                  "train_step_ms": step_seconds[row.key] * 1000,
+                  "train_step_ratio": step_seconds[row.key] / uniform_seconds, "runs": []}
+        for seed in seeds:
+            dit_dir = out / "work" / f"dit-{row.key}-s{seed}"
+            shared.train_dit(latent_cache, dit_dir, n, seed, flags=row.flags, checkpointing_steps=every)
+            record["runs"].append({"seed": seed, "dir": dit_dir.relative_to(out).as_posix(),
+                                   "wall_s": round(shared.read_summary(dit_dir)["seconds"], 1), "scores": []})
+        results.append(record)
+
+    def score(record, run, checkpoint, nfe, scale):
+        pipe = UAEDiTPipeline.from_pretrained(out / run["dir"] / "pipeline")
+        pipe.set_progress_bar_config(disable=True)
+        if checkpoint != record["dit_steps"]:
+            pipe.transformer = UAEDiT.from_pretrained(out / run["dir"] / f"checkpoint-{checkpoint}" / "transformer_ema")
+        scores, firsts = score_samples(pipe, judge, heldout_features, num_classes, per_class, nfe, scale, run["seed"])
+        run["scores"].append({"step": checkpoint, "nfe": nfe, "guidance_scale": scale, **scores})
+        return firsts
+
+    for record in results:
+        shown = {}  # guidance scale -> the first seed's sample of each class
+        for run in record["runs"]:
+            for scale in GUIDANCE_GRID:
+                shown.setdefault(scale, score(record, run, record["dit_steps"], REFERENCE_NFE, scale))
+        grid = {scale: mean_score(record, record["dit_steps"], REFERENCE_NFE, scale, "judge_fid")[0]
+                for scale in GUIDANCE_GRID}
+        record["guidance_scale"] = scale = min(grid, key=grid.get)
+        samples.append(shown[scale])
+        for run in record["runs"]:
+            for nfe in NFE_GRID:
+                if nfe != REFERENCE_NFE:
+                    score(record, run, record["dit_steps"], nfe, scale)
+            for checkpoint in record["checkpoint_steps"][:-1]:
+                score(record, run, checkpoint, REFERENCE_NFE, scale)
+        settings = {f"nfe{nfe}": (record["dit_steps"], nfe) for nfe in NFE_GRID}
+        settings["quarter"] = (record["checkpoint_steps"][0], REFERENCE_NFE)
+        record["summary"] = {name: {key: mean_score(record, step, nfe, scale, key) for key in SCORE_KEYS}
+                             for name, (step, nfe) in settings.items()}
+    uniform = results[0]["summary"]["nfe25"]["ms_per_sample"][0]
+    for record in results:
+        record["sample_ms_ratio"] = record["summary"]["nfe25"]["ms_per_sample"][0] / uniform
+    return results, torch.cat(samples)
+
+
+SCORE_KEYS = ("judge_accuracy", "judge_fid", "ms_per_sample")
+
+
+def mean_score(record: dict, step: int, nfe: int, scale: float, key: str) -> tuple[float, float]:
+    """(mean, standard deviation over seeds) of one score of `record` at one setting."""
+    values = [s[key] for run in record["runs"] for s in run["scores"]
+              if (s["step"], s["nfe"], s["guidance_scale"]) == (step, nfe, scale)]
+    return statistics.fmean(values), statistics.pstdev(values)
 
 
 # ---- the study ----------------------------------------------------------------------------------------------
 
 
 def run_ablation(out_dir: str = "uae_gen_ablation", minutes: float = DEFAULT_MINUTES, seed: int = 0,
-                 rows=ROW_CHOICES) -> dict:
-    """Train and score the selected rows; writes ablation.md / .json / reconstructions.png / samples.png."""
-    rows, steps = selected_rows(rows), step_counts(minutes)
+                 rows=ROW_CHOICES, generation_keys=DEFAULT_GENERATION_ROWS, generation_seeds=None,
+                 latent_cache: str | None = None) -> dict:
+    """Train and score the selected rows; writes ablation.md / .json / reconstructions.png / samples.png /
+    generation.png. Generation trains on `latent_cache` when given, else on row d's latent."""
+    rows, steps = selected_rows(rows, latent_cache), step_counts(minutes)
+    generation_seeds = list(generation_seeds or [seed])
     out = Path(out_dir)
     (out / "work").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -260,21 +406,26 @@ def run_ablation(out_dir: str = "uae_gen_ablation", minutes: float = DEFAULT_MIN
 
     generation, floor, samples = [], None, None
     if "gen" in rows:
-        generation, samples = generation_rows(out, out / tokenizer_rows["d"]["model_dir"], steps, seed, train, judge,
-                                              heldout_features)
-        floor_index = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-        floor_index = floor_index[: generation[0]["num_generated"]]
+        if latent_cache is None:
+            latent_cache = out / "work" / "latents-d"
+            shared.cache_latents(out / tokenizer_rows["d"]["model_dir"], latent_cache, seed)
+        generation, samples = generation_rows(out, Path(latent_cache), list(generation_keys), steps,
+                                              generation_seeds, train.num_classes, judge, heldout_features)
+        count = train.num_classes * steps["samples_per_class"]
+        floor_index = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count]
         floor = frechet_distance_from_features(classifier_features(judge, train.images[floor_index]).numpy(),
                                                heldout_features)
         timer.lap("generation_s")
+        save_generation_curves(generation, out / "generation.png")
     wall = timer.finish()
 
     result = {
         "settings": {"preset": "demo", "dataset": "demo-digits", "seed": seed, "minutes_budget": minutes,
                      "rows": rows, "tokenizer_config": "tiny", "dit_config": "dit_tiny", "dit_model": shared.DIT_MODEL,
-                     "guidance_scale": shared.GUIDANCE_SCALE, "num_inference_steps": steps["inference_steps"],
-                     "progressive_band_stagger": PROGRESSIVE_STAGGER, "num_heldout": len(heldout),
-                     "num_train": len(train)},
+                     "generation_rows": list(generation_keys) if "gen" in rows else [],
+                     "generation_seeds": generation_seeds, "latent_cache": latent_cache and str(latent_cache),
+                     "guidance_grid": list(GUIDANCE_GRID), "nfe_grid": list(NFE_GRID), "reference_nfe": REFERENCE_NFE,
+                     "num_heldout": len(heldout), "num_train": len(train)},
         "steps": steps,
         "teacher": teacher_result,
         "judge": {"heldout_accuracy": accuracy(predict(judge, heldout.images), heldout.labels)},
@@ -340,16 +491,23 @@ def paper_claims(result: dict) -> list[dict]:
             else "no",
         })
     generation = {row["key"]: row for row in result["generation_rows"]}
-    if generation:
-        uniform, progressive = generation["uniform"], generation["progressive"]
-        better = [progressive["judge_accuracy"] > uniform["judge_accuracy"],
-                  progressive["judge_fid"] < uniform["judge_fid"]]
+    if "uniform" in generation and len(generation) > 1:
+        final = lambda row, score: row["summary"]["nfe25"][score][0]  # noqa: E731
+        quarter = lambda row: row["summary"]["quarter"]["judge_fid"][0]  # noqa: E731
+        uniform = generation["uniform"]
+        best = min((row for key, row in generation.items() if key != "uniform"),
+                   key=lambda row: final(row, "judge_fid"))
+        checks = [final(best, "judge_accuracy") >= final(uniform, "judge_accuracy"),
+                  final(best, "judge_fid") <= FINAL_FID_RATIO * final(uniform, "judge_fid"),
+                  quarter(best) <= QUARTER_FID_RATIO * quarter(uniform)]
         claims.append({
-            "claim": "band-progressive generation beats uniform at equal budget (accuracy up, judge-FID down)",
+            "claim": f"the best low-to-high row beats uniform at equal training time (NFE {REFERENCE_NFE}: accuracy "
+                     f">=, judge-FID <= {FINAL_FID_RATIO}x; at 1/4 of the budget judge-FID <= {QUARTER_FID_RATIO}x)",
             "paper": "low-to-high frequency generation: gFID 1.68",
-            "this_run": f"accuracy {progressive['judge_accuracy']:.3f} vs {uniform['judge_accuracy']:.3f}, "
-                        f"judge-FID {progressive['judge_fid']:.2f} vs {uniform['judge_fid']:.2f}",
-            "reproduced": "yes" if all(better) else ("mixed" if any(better) else "no"),
+            "this_run": f"{best['key']}: accuracy {final(best, 'judge_accuracy'):.3f} vs "
+                        f"{final(uniform, 'judge_accuracy'):.3f}, judge-FID {final(best, 'judge_fid'):.1f} vs "
+                        f"{final(uniform, 'judge_fid'):.1f}, at 1/4 {quarter(best):.1f} vs {quarter(uniform):.1f}",
+            "reproduced": "yes" if all(checks) else ("mixed" if any(checks) else "no"),
         })
     return claims
 
@@ -368,11 +526,42 @@ def tokenizer_table(rows: list[dict]) -> list[str]:
 
 
 def generation_table(rows: list[dict]) -> list[str]:
-    header = ["schedule", "band stagger (training)", "band stagger (sampler)", "DiT steps"]
-    header += [h for h, _, _ in GENERATION_COLUMNS]
-    lines = [[row["key"], row["train_band_stagger"], row["sampling_band_stagger"], row["dit_steps"]]
-             + [format(row[key], spec) for _, key, spec in GENERATION_COLUMNS] for row in rows]
+    header = ["generator", "DiT steps", "train ms/step (x uniform)", "CFG"] + [h for h, *_ in GENERATION_COLUMNS]
+    header.append("ms/sample x uniform")
+    lines = [[row["key"], row["dit_steps"], f"{row['train_step_ms']:.0f} ({row['train_step_ratio']:.2f})",
+              f"{row['guidance_scale']:g}"]
+             + ["{:{spec}} ± {:{spec}}".format(*row["summary"][setting][score], spec=spec)
+                for _, setting, score, spec in GENERATION_COLUMNS]
+             + [f"{row['sample_ms_ratio']:.2f}"] for row in rows]
     return _table(header, lines)
+
+
+def save_generation_curves(rows: list[dict], path: Path) -> None:
+    """generation.png: judge accuracy and judge-FID (mean and std over seeds, NFE 25, each row's CFG scale) at
+    each checkpoint against the fraction of the equal training-time budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for row in rows:
+        scores = [mean_score(row, step, REFERENCE_NFE, row["guidance_scale"], key)
+                  for key in ("judge_accuracy", "judge_fid") for step in row["checkpoint_steps"]]
+        half = len(row["checkpoint_steps"])
+        for axis, points in zip(axes, (scores[:half], scores[half:])):
+            axis.errorbar(CHECKPOINT_FRACTIONS, [m for m, _ in points], yerr=[sd for _, sd in points],
+                          marker="o", capsize=3, label=row["key"])
+    for axis, label in zip(axes, ("judge accuracy", "judge-FID")):
+        axis.set_xlabel("fraction of the DiT training-time budget")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.tight_layout()
+    temp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temp, dpi=100)
+    plt.close(figure)
+    os.replace(temp, path)
 
 
 def markdown_report(result: dict) -> str:
@@ -384,8 +573,8 @@ def markdown_report(result: dict) -> str:
         f"{result['wall_time']['total_s'] / 60:.1f} min wall. Steps: teacher {steps['teacher']}, judge "
         f"{steps['judge']}, tokenizer {steps['tokenizer']} per row "
         f"(encoder-tuning rows: {steps['tokenizer_stage1']} stage 1 + {steps['tokenizer_stage2']} stage 2), "
-        f"{s['dit_model']} {steps['dit']} per schedule, {steps['samples_per_class']} samples per class, "
-        f"{steps['inference_steps']} sampler steps, CFG {s['guidance_scale']}.",
+        f"{s['dit_model']}: the time of {steps['dit']} uniform steps per generator and seed, "
+        f"{steps['samples_per_class']} samples per class, NFE {s['nfe_grid']}, CFG from {s['guidance_grid']}.",
         f"Teacher: held-out accuracy {result['teacher']['heldout_accuracy']:.3f}; probe on its latent "
         f"{result['teacher']['probe_top1']:.3f}, on band 0 of its K={FULL_UAE_BANDS} split "
         f"{result['teacher']['band0_probe_top1']:.3f}. Judge: held-out accuracy "
@@ -400,10 +589,12 @@ def markdown_report(result: dict) -> str:
         lines += ["## Band-count sweep (full UAE; paper: stable from 2 to 10 bands)", ""]
         lines += tokenizer_table(sweep) + [""]
     if result["generation_rows"]:
-        lines += ["## Generation on row d's latent (equal DiT budget, equal sampler steps)", ""]
+        source = s["latent_cache"] or "row d's latent"
+        lines += [f"## Generation on {source} (equal DiT training time, seeds {s['generation_seeds']})", ""]
         lines += generation_table(result["generation_rows"])
         lines += ["", f"Judge-FID floor (as many real training images vs held-out): "
-                      f"{result['generation_floor_judge_fid']:.2f}.", ""]
+                      f"{result['generation_floor_judge_fid']:.2f}. generation.png: accuracy and judge-FID at each "
+                      "quarter of the budget.", ""]
     lines += ["## What each row is", ""]
     lines += [f"- **{row['key']}** ({row['name']}): {row['note']}." for row in result["tokenizer_rows"]]
     lines += [
@@ -416,13 +607,17 @@ def markdown_report(result: dict) -> str:
         "the teacher's whole latent), trained on the train split. Wall = the row's training runs as each script "
         "times itself (process start-up excluded; a shared stage 1 counts in each row that uses it), scoring "
         "excluded.",
-        "- Generation: uniform = plain flow matching (stagger 0); progressive = the band-progressive schedule with "
-        f"stagger {PROGRESSIVE_STAGGER} (band 0 is clean from t = {PROGRESSIVE_STAGGER} on). Each samples with the "
-        "scheduler saved in its pipeline (the 'sampler' column is read back from it). Wall = DiT training; "
-        "sampling times are in the JSON (sampling_wall_s).",
+        *[f"- Generator **{row['key']}**: {row['note']} (train_dit flags: "
+          f"{' '.join(map(str, row['flags'])) or 'none'})."
+          for row in result["generation_rows"]],
+        "- Generation budget: each generator trains for uniform's steps x (uniform's step time / its step time), "
+        "the step times measured round-robin in one process (the 'train ms/step' column). Each samples with the "
+        f"scheduler saved in its pipeline; its CFG scale is the one of {list(GUIDANCE_GRID)} with the lowest mean "
+        f"judge-FID at NFE {REFERENCE_NFE}. Cells: mean ± std over the seeds; 1/4 = the checkpoint after a quarter "
+        "of the budget, at NFE 25; ms/sample = the whole pipeline call (sampling and decoding) per image.",
         "- reconstructions.png: top row held-out originals (one per class), then one row per tokenizer row in the "
         "order " + ", ".join(result["reconstructions_png_rows"][1:]) + "; samples.png: one sample per class per "
-        "schedule.", "",
+        "generator (first seed, NFE 25).", "",
         "## The paper's claims at this scale", "",
     ]
     lines += _table(["claim", "paper", "this run", "reproduced"],
@@ -445,7 +640,7 @@ IMAGENET_STAGE_EPOCHS = 10  # the released v1 recipe: 10 epochs of stage 1, then
 IMAGENET_DIT_EPOCHS = 80  # the paper's early comparison point; the preset's full run is 800
 
 
-def imagenet256_commands(rows, seed: int = 0) -> str:
+def imagenet256_commands(rows, seed: int = 0, generation_keys=DEFAULT_GENERATION_ROWS) -> str:
     """The same study with the paper's settings, as a shell script (one GPU node; nothing is run)."""
     rows = selected_rows(rows)
     launch = "accelerate launch --num_processes $NGPU"
@@ -486,21 +681,24 @@ def imagenet256_commands(rows, seed: int = 0) -> str:
                          f"--stage 3 {data} --init_from $RUNS/d --lpips_vgg_weights $VGG16 --seed {seed} "
                          "--output_dir $RUNS/d-gan")
     if "gen" in rows:
-        lines += ["", f"# Generation on d's latent: DiT-DH-XL, {IMAGENET_DIT_EPOCHS} epochs per schedule (drop "
-                  "--num_train_epochs for the preset's 800), uniform vs band-progressive; 50k samples each, 50 steps",
+        lines += ["", f"# Generation on d's latent: DiT-DH-XL, {IMAGENET_DIT_EPOCHS} epochs per generator (drop "
+                  "--num_train_epochs for the preset's 800); 50k samples each, 50 steps. On the 16x16 latent "
+                  "--latent_lowpass 64 keeps 64 of the 256 coefficients (the official v2 recipe); for equal GPU "
+                  "time, scale a cheaper generator's epochs by its step-time ratio (the small study's column).",
                   f"{launch} train/cache_latents.py --vae $RUNS/d --train_data_dir $IMAGENET/train "
                   "--output_dir $RUNS/latents-d --batch_size 256"]
-        for name, stagger in GENERATION_ROWS.items():
+        for key in generation_keys:
+            flags = " ".join(map(str, GENERATION_BY_KEY[key].flags))
             lines += [
-                f"# {name}: --band_stagger {stagger}",
+                f"# {key}: {GENERATION_BY_KEY[key].note}",
                 f"{launch} train/train_dit.py --config train/configs/dit_imagenet256.json --latent_cache "
-                f"$RUNS/latents-d --band_stagger {stagger} --num_train_epochs {IMAGENET_DIT_EPOCHS} --seed {seed} "
-                f"--output_dir $RUNS/dit-{name}",
-                f"{launch} eval/sample.py --pipeline $RUNS/dit-{name}/pipeline --output_dir $RUNS/samples-{name} "
+                f"$RUNS/latents-d {flags} --num_train_epochs {IMAGENET_DIT_EPOCHS} --seed {seed} "
+                f"--output_dir $RUNS/dit-{key}".replace("  ", " "),
+                f"{launch} eval/sample.py --pipeline $RUNS/dit-{key}/pipeline --output_dir $RUNS/samples-{key} "
                 f"--num_samples 50000 --label_sampling balanced --guidance_scale 1.0 --num_inference_steps 50 "
                 f"--global_seed {seed}",
-                f"python eval/evaluate_generation.py --generated $RUNS/samples-{name}/*.npz --reference $ADM_REF "
-                f"--inception_weights $INCEPTION --out $RUNS/samples-{name}/metrics.json",
+                f"python eval/evaluate_generation.py --generated $RUNS/samples-{key}/*.npz --reference $ADM_REF "
+                f"--inception_weights $INCEPTION --out $RUNS/samples-{key}/metrics.json",
             ]
     return "\n".join(lines) + "\n"
 
@@ -512,21 +710,35 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="total budget; every step count scales with it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows", nargs="+", default=list(ROW_CHOICES), metavar="ROW",
-                        help=f"subset of {list(ROW_CHOICES)} ('gen' needs 'd')")
+                        help=f"subset of {list(ROW_CHOICES)} ('gen' needs 'd' or --latent_cache)")
+    parser.add_argument("--generation_rows", nargs="+", default=list(DEFAULT_GENERATION_ROWS), metavar="GENERATOR",
+                        help=f"generators of row 'gen': uniform (the baseline of the equal-time budget and the "
+                        f"ratios) first, then any of {list(GENERATION_BY_KEY)[1:]}")
+    parser.add_argument("--generation_seeds", nargs="+", type=int, metavar="SEED",
+                        help="seeds of every generator's DiT (default: --seed)")
+    parser.add_argument("--latent_cache", help="train the generators on this latent cache (e.g. the demo's "
+                        "uae_gen_demo/work/latents) instead of row d's latent")
     parser.add_argument("--preset", choices=("demo", "imagenet256"), default="demo",
                         help="demo: train and score on this machine; imagenet256: print the full-scale commands")
     args = parser.parse_args(argv)
-    args.rows = selected_rows(args.rows)
+    args.rows = selected_rows(args.rows, args.latent_cache)
+    unknown = sorted(set(args.generation_rows) - set(GENERATION_BY_KEY))
+    if unknown or len(set(args.generation_rows)) != len(args.generation_rows) or args.generation_rows[0] != "uniform":
+        raise ValueError(f"--generation_rows must be 'uniform' then distinct generators of "
+                         f"{list(GENERATION_BY_KEY)[1:]}; got {args.generation_rows}")
+    if args.latent_cache is not None and not os.path.isfile(os.path.join(args.latent_cache, "cache_info.json")):
+        raise FileNotFoundError(f"--latent_cache {args.latent_cache!r} holds no latent cache (cache_info.json)")
     step_counts(args.minutes)  # a bad budget fails here, before any training
     return args
 
 
 def main(args: argparse.Namespace):
     if args.preset == "imagenet256":
-        commands = imagenet256_commands(args.rows, args.seed)
+        commands = imagenet256_commands(args.rows, args.seed, args.generation_rows)
         print(commands, end="")
         return commands
-    return run_ablation(args.out_dir, args.minutes, args.seed, args.rows)
+    return run_ablation(args.out_dir, args.minutes, args.seed, args.rows, args.generation_rows,
+                        args.generation_seeds, args.latent_cache)
 
 
 if __name__ == "__main__":

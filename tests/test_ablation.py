@@ -31,6 +31,7 @@ from uae_gen.training.image_grid import CAPTION_HEIGHT, GRID_PADDING
 REPO = Path(__file__).resolve().parents[1]
 MINUTES, SEED = 0.01, 3
 ROWS = ["a", "b", "c", "d", "gen"]
+GENERATION_ROWS = ["uniform", "freq64x2"]  # the baseline and a frequency-token generator (its own step count)
 
 
 def load_eval_script(name):
@@ -47,7 +48,8 @@ ablation = load_eval_script("ablation")
 def study(tmp_path_factory, one_torch_thread):
     out = tmp_path_factory.mktemp("ablation")
     returned = ablation.main(ablation.parse_args(["--out_dir", str(out), "--minutes", str(MINUTES),
-                                                  "--seed", str(SEED), "--rows", *ROWS]))
+                                                  "--seed", str(SEED), "--rows", *ROWS,
+                                                  "--generation_rows", *GENERATION_ROWS]))
     return out, returned, json.loads((out / "ablation.json").read_text())
 
 
@@ -81,6 +83,8 @@ def test_step_counts_scale_split_and_clamp():
 @pytest.mark.parametrize("argv, message", [
     (["--minutes", "0"], "minutes"), (["--minutes", "nan"], "minutes"),
     (["--rows", "a", "gen"], "'d'"), (["--rows", "a", "z"], "unknown rows"),
+    (["--generation_rows", "freq64x2", "uniform"], "must be 'uniform' then"),
+    (["--generation_rows", "uniform", "nope"], "must be 'uniform' then"),
 ])
 def test_bad_arguments_fail_before_training(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -92,7 +96,7 @@ def test_every_row_present_with_finite_numbers_in_range(study):
     assert result == json.loads(json.dumps(returned))
     assert [row["key"] for row in result["tokenizer_rows"]] == ["a", "b", "c", "d"]
     assert result["settings"]["rows"] == ROWS
-    assert [row["key"] for row in result["generation_rows"]] == ["uniform", "progressive"]
+    assert [row["key"] for row in result["generation_rows"]] == GENERATION_ROWS
     assert result["steps"] == ablation.step_counts(MINUTES) and result["settings"]["seed"] == SEED
     for row in result["tokenizer_rows"]:
         assert math.isfinite(row["heldout_psnr"]) and row["heldout_psnr"] > 0
@@ -103,10 +107,27 @@ def test_every_row_present_with_finite_numbers_in_range(study):
         assert row["wall_s"] >= 0
         expected_steps = [ablation.step_counts(MINUTES)["tokenizer"]] if row["encoder"] == "frozen" else [1, 1]
         assert [run["steps"] for run in row["runs"]] == expected_steps
+    uniform = result["generation_rows"][0]
+    assert uniform["dit_steps"] == ablation.MIN_STEPS["dit"] and uniform["train_step_ratio"] == 1.0
     for row in result["generation_rows"]:
-        assert 0 <= row["judge_accuracy"] <= 1 and math.isfinite(row["judge_fid"]) and row["judge_fid"] >= 0
-        assert row["num_generated"] == 10 * ablation.MIN_STEPS["samples_per_class"]
-        assert row["dit_steps"] == ablation.MIN_STEPS["dit"]
+        # Equal training time: steps scale with the measured step-time ratio.
+        assert row["dit_steps"] == max(ablation.MIN_STEPS["dit"], round(uniform["dit_steps"] / row["train_step_ratio"]))
+        assert row["guidance_scale"] in ablation.GUIDANCE_GRID
+        (run,) = row["runs"]  # one seed
+        settings = [(score["step"], score["nfe"], score["guidance_scale"]) for score in run["scores"]]
+        final, scale = row["dit_steps"], row["guidance_scale"]
+        assert settings == [(final, ablation.REFERENCE_NFE, g) for g in ablation.GUIDANCE_GRID] + [
+            (final, nfe, scale) for nfe in ablation.NFE_GRID if nfe != ablation.REFERENCE_NFE] + [
+            (step, ablation.REFERENCE_NFE, scale) for step in row["checkpoint_steps"][:-1]]
+        for score in run["scores"]:
+            assert 0 <= score["judge_accuracy"] <= 1 and math.isfinite(score["judge_fid"]) and score["ms_per_sample"] > 0
+        chosen = {g: next(s["judge_fid"] for s in run["scores"] if (s["step"], s["nfe"], s["guidance_scale"]) ==
+                          (final, ablation.REFERENCE_NFE, g)) for g in ablation.GUIDANCE_GRID}
+        assert chosen[scale] == min(chosen.values())  # the scale with the lowest judge-FID
+        nfe25 = next(s for s in run["scores"] if (s["step"], s["nfe"], s["guidance_scale"]) == (final, 25, scale))
+        assert row["summary"]["nfe25"]["judge_fid"] == [nfe25["judge_fid"], 0.0]  # one seed: std 0
+        assert row["sample_ms_ratio"] == row["summary"]["nfe25"]["ms_per_sample"][0] / \
+            uniform["summary"]["nfe25"]["ms_per_sample"][0]
     assert math.isfinite(result["generation_floor_judge_fid"])
     assert result["wall_time"]["total_s"] >= sum(v for k, v in result["wall_time"].items() if k != "total_s") - 1
 
@@ -129,10 +150,11 @@ def test_markdown_shows_the_json_numbers(study):
         for header, key, spec in ablation.TOKENIZER_COLUMNS:
             assert cells[header] == format(row[key], spec), (cells["row"], header)
     for cells, row in zip(generation_table, result["generation_rows"], strict=True):
-        assert cells["schedule"] == row["key"]
-        assert float(cells["band stagger (sampler)"]) == row["sampling_band_stagger"]
-        for header, key, spec in ablation.GENERATION_COLUMNS:
-            assert cells[header] == format(row[key], spec)
+        assert cells["generator"] == row["key"] and cells["DiT steps"] == str(row["dit_steps"])
+        assert float(cells["CFG"]) == row["guidance_scale"]
+        for header, setting, score, spec in ablation.GENERATION_COLUMNS:
+            mean, std = row["summary"][setting][score]
+            assert cells[header] == f"{mean:{spec}} ± {std:{spec}}", header
     assert [(c["claim"], c["reproduced"]) for c in claims_table] == \
         [(c["claim"], c["reproduced"]) for c in result["claims"]]
     assert len(result["claims"]) == 4  # all but the band-count sweep's
@@ -167,7 +189,10 @@ def test_png_has_the_originals_then_one_labelled_row_per_tokenizer_row(study):
     first = heldout.images[(heldout.labels == 0).nonzero()[0, 0]]
     expected = ((first + 1) / 2).mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     np.testing.assert_array_equal(pixels[GRID_PADDING:GRID_PADDING + tile, GRID_PADDING:GRID_PADDING + tile], expected)
-    assert (out / "samples.png").is_file()
+    with Image.open(out / "samples.png") as image:  # one labelled row per generator
+        assert image.height == GRID_PADDING + len(result["generation_rows"]) * (tile + CAPTION_HEIGHT + GRID_PADDING)
+    with Image.open(out / "generation.png") as image:
+        assert image.format == "PNG" and image.width > 400
 
 
 def test_rows_are_trained_as_labelled(study):
@@ -199,15 +224,20 @@ def test_rows_are_trained_as_labelled(study):
     assert rows["b"]["band0_probe_top1"] == result["teacher"]["band0_probe_top1"]
 
 
-def test_generation_samples_with_the_schedule_it_trained_with(study):
+def test_generators_are_trained_and_checkpointed_as_labelled(study):
     out, _, result = study
-    for row, stagger in zip(result["generation_rows"], (0.0, ablation.PROGRESSIVE_STAGGER), strict=True):
-        pipeline = out / row["pipeline_dir"]
-        scheduler = json.loads((pipeline / "scheduler" / "scheduler_config.json").read_text())
-        trained = json.loads((pipeline.parent / "training_summary.json").read_text())["args"]
-        assert scheduler["band_stagger"] == trained["band_stagger"] == row["train_band_stagger"] == stagger
-        assert row["sampling_band_stagger"] == stagger
-        assert json.loads((pipeline / "vae" / "config.json").read_text())["num_bands"] == 4  # row d's latent
+    expected = {  # (band stagger, frequency tokens, coefficients per token) the flags must give
+        "uniform": (0.0, None, 1), "freq64x2": (0.0, 64, 2)}
+    for row in result["generation_rows"]:
+        run_dir = out / row["runs"][0]["dir"]
+        scheduler = json.loads((run_dir / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+        transformer = json.loads((run_dir / "pipeline" / "transformer" / "config.json").read_text())
+        trained = json.loads((run_dir / "training_summary.json").read_text())
+        assert trained["global_step"] == row["dit_steps"] and trained["args"]["seed"] == SEED
+        assert (scheduler["band_stagger"], transformer["frequency_tokens"],
+                transformer["coefficients_per_token"]) == expected[row["key"]]
+        assert json.loads((run_dir / "pipeline" / "vae" / "config.json").read_text())["num_bands"] == 4  # d's
+        assert sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*")) == row["checkpoint_steps"]
 
 
 def test_imagenet256_preset_prints_accepted_commands_for_every_row(tmp_path, monkeypatch, capsys):
@@ -243,9 +273,10 @@ def test_imagenet256_preset_prints_accepted_commands_for_every_row(tmp_path, mon
     assert all(a.seed == 5 and a.pretrained_encoder == "timm/vit_base_patch14_reg4_dinov2.lvd142m"
                for a in tokenizer_runs)
     dit_runs = [args for script, args in parsed if script == "train/train_dit.py"]
-    assert [a.band_stagger for a in dit_runs] == [0.0, ablation.PROGRESSIVE_STAGGER]
+    assert [(a.band_stagger, a.latent_lowpass, a.frequency_tokens, a.coefficients_per_token) for a in dit_runs] == [
+        (0.0, None, False, 1), (ablation.PROGRESSIVE_STAGGER, None, False, 1), (0.0, 64, True, 2)]
     assert all(a.model == "DiT-DH-XL" and a.latent_cache.endswith("latents-d") for a in dit_runs)
     counts = {name: sum(script == name for script, _ in parsed) for name in parsers}
-    assert counts == {"train/train_tokenizer.py": 9, "train/cache_latents.py": 1, "train/train_dit.py": 2,
-                      "eval/evaluate_reconstruction.py": 6, "eval/linear_probe.py": 6, "eval/sample.py": 2,
-                      "eval/evaluate_generation.py": 2}
+    assert counts == {"train/train_tokenizer.py": 9, "train/cache_latents.py": 1, "train/train_dit.py": 3,
+                      "eval/evaluate_reconstruction.py": 6, "eval/linear_probe.py": 6, "eval/sample.py": 3,
+                      "eval/evaluate_generation.py": 3}

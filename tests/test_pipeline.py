@@ -1,5 +1,6 @@
 """UAEDiTPipeline: reload in a fresh process, determinism, class names, output types, guidance, bad input."""
 
+import json
 import subprocess
 import sys
 
@@ -429,3 +430,35 @@ def test_set_attention_backend_reaches_transformer_and_guide(monkeypatch):
     monkeypatch.setattr(attention_module, "xformers_available", lambda: False)
     with pytest.raises(ImportError, match="optional xformers package"):
         pipe.set_attention_backend("xformers")
+
+
+@pytest.mark.parametrize("frequency_tokens", [None, 64])
+def test_converted_uae_v2_64_coefficient_checkpoint_samples(tmp_path, frequency_tokens):
+    """`uae-gen convert --from uae-v2` of the official 64-coefficient recipe (a tiny official state dict, 4x16x16
+    latent) samples through the pipeline with a spatial DiT (the official layout) or one on the 64 coefficients."""
+    from uae_gen.cli import main as cli_main
+    from uae_gen.models.bands import DCTBandTransform
+
+    from .test_convert import TINY_OVERRIDES, official_uae, save_training_checkpoint
+
+    save_training_checkpoint(official_uae("v2", channels=4, grid=16)[0], tmp_path / "ep-last.pt")
+    overrides = {**TINY_OVERRIDES, "dct_lowpass_coefficients": 64}
+    cli_main(["convert", "--from", "uae-v2", str(tmp_path / "ep-last.pt"), str(tmp_path / "uae"),
+              *[arg for key, value in overrides.items() for arg in ("--set", f"{key}={json.dumps(value)}")]])
+    vae = AutoencoderUAE.from_pretrained(tmp_path / "uae").eval()
+    assert vae.config.dct_lowpass_coefficients == 64 and vae.latent_size == (16, 16)
+    torch.manual_seed(0)
+    transformer = UAEDiT.from_preset("DiT-tiny", in_channels=4, sample_size=16, num_classes=10,
+                                     frequency_tokens=frequency_tokens).eval()
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    scheduler = FlowMatchBandScheduler(latent_dim=4 * 16 * 16, num_bands=vae.config.num_bands, solver="rk4")
+    UAEDiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(tmp_path / "pipe")
+    pipe = UAEDiTPipeline.from_pretrained(tmp_path / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(class_labels=[1, 7], num_inference_steps=3, generator=seeded(), output_type="latent").images
+    low = DCTBandTransform(16, 16, cutoffs=[]).lowpass(latents, 64)
+    assert latents.shape == (2, 4, 16, 16) and latents.abs().mean() > 0.1 and (low - latents).abs().max() < 1e-5
+    images = pipe(class_labels=[1, 7], num_inference_steps=3, generator=seeded(), output_type="np").images
+    assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()

@@ -202,12 +202,15 @@ def cache_latents(vae_dir: Path, output_dir: Path, seed: int) -> None:
                                  "--seed", seed, "--overwrite"])
 
 
-def train_dit(latent_cache: Path, output_dir: Path, steps: int, seed: int, flags: tuple = ()) -> UAEDiTPipeline:
+def train_dit(latent_cache: Path, output_dir: Path, steps: int, seed: int, flags: tuple = (),
+              checkpointing_steps: int | None = None) -> UAEDiTPipeline:
     """A DIT_MODEL on `latent_cache` (dit_tiny preset, bf16 autocast where native), validated once at the end,
-    no checkpoints; returns its pipeline (output_dir/pipeline) with the progress bar off."""
+    checkpointed every `checkpointing_steps` (all kept; None: no checkpoints); returns its pipeline
+    (output_dir/pipeline) with the progress bar off."""
     run_script("train_dit", ["--config", "dit_tiny", "--model", DIT_MODEL, "--latent_cache", latent_cache,
                              "--output_dir", output_dir, "--max_train_steps", steps, "--checkpointing_steps",
-                             steps + 1, "--validation_steps", steps, "--seed", seed, *flags],
+                             checkpointing_steps or steps + 1, "--checkpoints_total_limit", steps + 1,
+                             "--validation_steps", steps, "--seed", seed, *flags],
                launch_mixed_precision=dit_mixed_precision())
     pipe = UAEDiTPipeline.from_pretrained(Path(output_dir) / "pipeline")
     pipe.set_progress_bar_config(disable=True)
@@ -402,11 +405,12 @@ def reconstruct(vae: AutoencoderUAE, images: torch.Tensor, batch_size: int = 128
     return torch.cat([vae.decode_raw(vae.encode_raw(c))[0] for c in images.split(batch_size)]).clamp(-1, 1)
 
 
-def generate(pipe: UAEDiTPipeline, num_classes: int, per_class: int, inference_steps: int, seed: int):
+def generate(pipe: UAEDiTPipeline, num_classes: int, per_class: int, inference_steps: int, seed: int,
+             guidance_scale: float = GUIDANCE_SCALE):
     """(images in [-1, 1] ordered class by class, their labels, band previews of the first sample of each class)."""
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     generator = torch.Generator().manual_seed(seed)
-    output = pipe(class_labels=labels.tolist(), guidance_scale=GUIDANCE_SCALE, num_inference_steps=inference_steps,
+    output = pipe(class_labels=labels.tolist(), guidance_scale=guidance_scale, num_inference_steps=inference_steps,
                   generator=generator, output_type="pt", return_band_previews=True)
     first_of_class = labels.new_tensor([k * per_class for k in range(num_classes)])
     previews = torch.cat([p[first_of_class] for p in output.band_previews] + [output.images[first_of_class]])
