@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,14 @@ def test_flags_presets_and_overrides(data, tmp_path):
     assert (args.model, args.learning_rate, args.lr_end, args.ema_decay) == ("DiT-DH-XL", 2e-4, 2e-5, 0.9995)
     assert (args.lr_scheduler, args.lr_warmup_epochs, args.lr_warmup_from_zero) == ("linear", 40, False)
     assert (args.adam_beta2, args.num_train_epochs, args.time_shift, args.id2label) == (0.95, 800, "auto", "imagenet")
+    lowpass64 = train_dit.parse_args(["--config", "dit_imagenet256_lowpass64", "--latent_cache", "somewhere"])
+    assert (lowpass64.latent_lowpass, lowpass64.frequency_tokens, lowpass64.coefficients_per_token) == (64, True, 1)
+    assert lowpass64.solver == "rk4" and {k: v for k, v in vars(lowpass64).items() if getattr(args, k) != v} == {
+        "latent_lowpass": 64, "frequency_tokens": True, "solver": "rk4", "config": lowpass64.config}
+    latent = types.SimpleNamespace(latent_channels=768, latent_size=(16, 16))
+    with torch.device("meta"):
+        transformer = train_dit.make_transformer(lowpass64, latent, 1000, num_model_times=1)
+    assert transformer.pos_embed.shape == (1, 64, 1152)  # 64 tokens instead of 16 x 16
     args = train_dit.parse_args(["--config", "dit_tiny", "--vae", "v", "--learning_rate", "0.5", "--time_shift", "2",
                                  "--no-use_ema"])
     assert (args.dataset, args.learning_rate, args.time_shift, args.use_ema) == ("demo-digits", 0.5, 2.0, False)
