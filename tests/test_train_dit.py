@@ -249,6 +249,38 @@ def test_frequency_limited_latent_with_frequency_tokens(data, tmp_path):
     assert latents.abs().mean() > 0.1 and (pipe.vae.lowpass(latents, 16) - latents).abs().max() < 1e-5
 
 
+def test_lowpass_curriculum_grows_the_learned_coefficients(data, tmp_path):
+    schedule = [(0, 16), (2, 25), (4, 32)]
+    assert [train_dit.lowpass_count(schedule, step) for step in range(6)] == [16, 16, 25, 25, 32, 32]
+
+    def losses(name, *extra):
+        summary = train_dit.main(train_dit.parse_args(tiny_args(
+            data, tmp_path / name, "--max_train_steps", "2", "--logging_steps", "1", "--latent_lowpass", "32", *extra)))
+        return [loss for _, loss in summary["loss"]["curve"]]
+
+    plain = losses("plain")
+    # A single stage is the plain low-pass (projected once more: float rounding only); 16 coefficients first differ.
+    assert losses("one-stage", "--lowpass_schedule", "32@0") == pytest.approx(plain, rel=1e-6)
+    curriculum = losses("curriculum", "--lowpass_schedule", "16@0", "32@1")
+    assert abs(curriculum[0] - plain[0]) > 1e-3
+    pipe = UAEDiTPipeline.from_pretrained(tmp_path / "curriculum" / "pipeline")
+    assert pipe.vae.config.dct_lowpass_coefficients == 32  # the pipeline samples the last stage's latent
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--lowpass_schedule", "16@0", "32@5"], "needs --latent_lowpass N"),
+    (["--latent_lowpass", "32", "--lowpass_schedule", "16@3", "32@5"], r"start at step 0.*\[3, 5\]"),
+    (["--latent_lowpass", "32", "--lowpass_schedule", "32@0", "16@5"], r"must grow N.*\[32, 16\]"),
+    (["--latent_lowpass", "32", "--lowpass_schedule", "16@0", "25@5"], r"ends at N=25: it must end at --latent"),
+    (["--latent_lowpass", "32", "--frequency_tokens", "--lowpass_schedule", "16@0", "32@5"], "fixed number of tokens"),
+])
+def test_lowpass_curriculum_bad_input(data, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        train_dit.parse_args(tiny_args(data, tmp_path / "bad", *extra))
+    with pytest.raises(SystemExit):  # argparse: "N@STEP" expected
+        train_dit.parse_args(tiny_args(data, tmp_path / "bad", "--latent_lowpass", "32", "--lowpass_schedule", "32"))
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--frequency_tokens"], "--frequency_tokens .* give --latent_lowpass N"),
     (["--latent_lowpass", "0"], r"--latent_lowpass must lie in \[1, 64\].*got 0"),

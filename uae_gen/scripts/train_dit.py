@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(the UAE v2 frequency-limited latent; per-channel statistics recomputed on it)")
     add("--frequency_tokens", action=flag, default=False,
         help="the DiT runs on those N coefficients as N tokens instead of h*w (needs --latent_lowpass)")
+    add("--lowpass_schedule", nargs="+", type=lowpass_stage, metavar="N@STEP",
+        help="curriculum for a spatial DiT (UAE v2's progressive band split): from step STEP on, learn the first N "
+        "coefficients, e.g. 36@0 49@2000 64@4000; the first stage starts at 0 and the last N is --latent_lowpass")
     add("--coefficients_per_token", type=int, default=1,
         help="with --frequency_tokens: G consecutive zig-zag coefficients per token (N/G tokens)")
     # validation: a sample grid of the EMA model every --validation_steps
@@ -92,6 +95,38 @@ def build_parser() -> argparse.ArgumentParser:
     add("--validation_num_inference_steps", type=int, default=25)
     p.set_defaults(output_dir="uae-dit", train_batch_size=32, ema_decay=0.9995, tracker_project_name="uae-dit")
     return p
+
+
+def lowpass_stage(value: str) -> tuple[int, int]:
+    """--lowpass_schedule entry "N@STEP" -> (STEP, N)."""
+    count, sep, step = value.partition("@")
+    try:
+        return int(step), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a --lowpass_schedule stage is N@STEP, got {value!r}") from None
+
+
+def check_lowpass_schedule(args) -> None:
+    stages = args.lowpass_schedule
+    if args.latent_lowpass is None:
+        raise ValueError("--lowpass_schedule needs --latent_lowpass N: its last stage, the latent the pipeline samples")
+    steps, counts = [step for step, _ in stages], [count for _, count in stages]
+    if steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"--lowpass_schedule stages must start at step 0 and grow in step; got {steps}")
+    if any(b <= a for a, b in zip(counts, counts[1:])) or counts[0] < 1:
+        raise ValueError(f"--lowpass_schedule must grow N from stage to stage (a curriculum never drops "
+                         f"coefficients); got {counts}")
+    if counts[-1] != args.latent_lowpass:
+        raise ValueError(f"--lowpass_schedule ends at N={counts[-1]}: it must end at --latent_lowpass "
+                         f"({args.latent_lowpass}), the latent the pipeline samples")
+    if args.frequency_tokens:
+        raise ValueError("--lowpass_schedule grows the latent a spatial DiT learns; a --frequency_tokens model has "
+                         "a fixed number of tokens")
+
+
+def lowpass_count(schedule: list[tuple[int, int]], step: int) -> int:
+    """The coefficient count of the curriculum stage that `step` lies in."""
+    return [count for start, count in schedule if start <= step][-1]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -112,6 +147,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError(f"--band0_loss_weight must be positive, got {args.band0_loss_weight}")
     if args.frequency_tokens and args.latent_lowpass is None:
         raise ValueError("--frequency_tokens runs the DiT on the low-passed latent's coefficients: give --latent_lowpass N")
+    if args.lowpass_schedule is not None:
+        check_lowpass_schedule(args)
     if args.coefficients_per_token < 1 or (args.coefficients_per_token > 1 and not args.frequency_tokens):
         raise ValueError(f"--coefficients_per_token must be >= 1, and above 1 only with --frequency_tokens; got "
                          f"{args.coefficients_per_token}")
@@ -300,6 +337,8 @@ def main(args: argparse.Namespace) -> dict:
                 inputs = encode_images(vae, inputs, args.random_flip)
             elif vae is not data_vae:  # cached latents, frequency-limited and renormalised
                 inputs = vae.normalize_latents(vae.lowpass(data_vae.denormalize_latents(inputs), args.latent_lowpass))
+            if args.lowpass_schedule is not None:  # per-channel statistics: low-passing commutes with them
+                inputs = vae.lowpass(inputs, lowpass_count(args.lowpass_schedule, global_step))
             loss = flow_matching_loss(lambda x, t, y: transformer(x, t, y).sample, inputs, labels, schedule,
                                       split_bands, args.time_distribution, noise_projection=noise_projection,
                                       band0_weight=args.band0_loss_weight).loss
