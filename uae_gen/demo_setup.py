@@ -40,12 +40,12 @@ from safetensors.torch import save_file
 
 from .data import load_demo_digits
 from .demo_classifiers import TEACHER_APPEARANCES, Judge, build_teacher, train_classifier
-from .flow import FlowMatchBandScheduler, flow_matching_loss
+from .flow import flow_matching_loss
 from .losses import l1_reconstruction_loss, semantic_band_loss
 from .models.autoencoder_uae import AutoencoderUAE
-from .models.dit import UAEDiT
 from .models.encoders import make_teacher
 from .pipelines.pipeline_uae_dit import UAEDiTPipeline
+from .scripts import train_dit as train_dit_script
 from .training import EMA, read_preset
 
 # Steps of the phases every study runs alike, at the demo's default budget (see uae_gen.demo for what they cost);
@@ -341,28 +341,30 @@ def tokenizer_rates(train) -> dict[str, float]:
 
 
 def dit_rates(num_classes: int) -> dict[str, float]:
-    """A training step of DIT_MODEL on the tiny tokenizer's latent as train_dit runs it (dit_tiny preset: batch,
-    LR, betas, clipping, EMA; bf16 autocast where dit_mixed_precision() says so), and one latent through the
-    eval model in fp32, as the pipeline samples."""
-    preset = read_preset("tiny", "dit_")
-    shape = AutoencoderUAE.from_preset("tiny")  # the latent's shape and bands
-    channels, (height, width) = shape.latent_channels, shape.latent_size
-    dit = UAEDiT.from_preset(DIT_MODEL, in_channels=channels, sample_size=height, num_classes=num_classes,
-                             class_dropout_prob=preset["class_dropout_prob"])
-    schedule = FlowMatchBandScheduler(num_bands=shape.config.num_bands, latent_dim=channels * height * width)
-    optimizer = torch.optim.AdamW(dit.parameters(), lr=preset["learning_rate"],
-                                  betas=(preset["adam_beta1"], preset["adam_beta2"]), fused=True)
-    ema = EMA(dit, preset["ema_decay"])
-    batch, bf16 = preset["train_batch_size"], dit_mixed_precision() == "bf16"
+    """A training step of DIT_MODEL on the tiny tokenizer's latent as train_dit runs it (the dit_tiny preset's
+    transformer, band schedule and noise, built by the script's own functions; batch, LR, betas, clipping, EMA;
+    bf16 autocast where dit_mixed_precision() says so), and one latent through the eval model in fp32, as the
+    pipeline samples."""
+    args = train_dit_script.parse_args(["--config", "dit_tiny", "--model", DIT_MODEL, "--latent_cache", "unread"])
+    vae = AutoencoderUAE.from_preset("tiny")  # the latent's shape and bands
+    channels, (height, width) = vae.latent_channels, vae.latent_size
+    schedule = train_dit_script.make_flow_scheduler(args, vae).band_schedule
+    dit = train_dit_script.make_transformer(args, vae, num_classes, schedule.num_model_times)
+    noise_projection = (lambda noise: vae.lowpass(noise, args.latent_lowpass)) if args.frequency_tokens else None
+    optimizer = torch.optim.AdamW(dit.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  fused=True)
+    ema = EMA(dit, args.ema_decay)
+    batch, bf16 = args.train_batch_size, dit_mixed_precision() == "bf16"
     latents, labels = torch.randn(batch, channels, height, width), torch.randint(num_classes, (batch,))
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = flow_matching_loss(lambda x, t, y: dit(x, t, y).sample, latents, labels,
-                                      schedule.band_schedule, time_distribution=preset["time_distribution"]).loss
+            loss = flow_matching_loss(lambda x, t, y: dit(x, t, y).sample, latents, labels, schedule,
+                                      time_distribution=args.time_distribution,
+                                      noise_projection=noise_projection).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(dit.parameters(), preset["max_grad_norm"])
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), args.max_grad_norm)
         optimizer.step()
         ema.update(dit)
 
