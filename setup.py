@@ -28,7 +28,10 @@ setup(
         "lpips",  # only for its shipped LPIPS v0.1 VGG linear-layer weights (uae_gen.losses.lpips)
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.40"],
+        "app": ["gradio>=6"],  # `uae-gen serve`
+        # The playground's tests drive a real browser: Playwright runs the system Chromium (apt-get install -y
+        # chromium), never a browser it downloads itself.
+        "test": ["pytest>=7", "transformers>=4.40", "gradio>=6", "playwright>=1.40"],
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["uae-gen=uae_gen.cli:main"]},

@@ -1,5 +1,6 @@
 """The ``uae-gen`` command: ``demo`` (train, sample and score a tiny UAE + DiT offline), ``generate`` (a sample
-grid from a pipeline directory) and ``convert`` (released checkpoints -> uae_gen directories)."""
+grid from a pipeline directory), ``serve`` (a local web playground for a pipeline directory) and ``convert``
+(released checkpoints -> uae_gen directories)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,20 @@ import sys
 
 
 def add_generate_parser(subparsers) -> None:
+    from uae_gen.flow import SOLVERS
+
     p = subparsers.add_parser("generate", help="sample a grid of class-conditional images from a pipeline dir")
     p.add_argument("--pipeline", required=True, help="directory written by UAEDiTPipeline.save_pretrained")
     p.add_argument("--class-labels", nargs="+", required=True, help="class ids or names (quote names)")
     p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
+                   help="times (in the scheduler's shifted time) in which guidance applies")
     p.add_argument("--guidance", choices=["cfg", "autoguidance"], default="cfg")
     p.add_argument("--steps", type=int, default=50, help="solver steps")
+    p.add_argument("--solver", choices=SOLVERS, default=None,
+                   help="ODE solver (default: the one in the pipeline's scheduler config)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: all in one row)")
     p.add_argument("--out", default="grid.png", help="output PNG")
     p.set_defaults(run=run_generate)
@@ -28,14 +36,41 @@ def run_generate(args) -> None:
     from uae_gen import UAEDiTPipeline
     from uae_gen.training.image_grid import save_image_grid
 
-    pipe = UAEDiTPipeline.from_pretrained(args.pipeline)
+    pipe = UAEDiTPipeline.from_pretrained(args.pipeline).to(args.device)
+    if args.solver is not None:
+        pipe.scheduler.register_to_config(solver=args.solver)
     labels = [int(c) if c.lstrip("-").isdigit() else c for c in args.class_labels]
     images = pipe(
-        class_labels=labels, guidance_scale=args.guidance_scale, guidance=args.guidance,
-        num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed), output_type="pt",
+        class_labels=labels, guidance_scale=args.guidance_scale, guidance_interval=tuple(args.guidance_interval),
+        guidance=args.guidance, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
+        output_type="pt",
     ).images
     save_image_grid(images, args.out, nrow=args.nrow or len(images), value_range=(0, 1))
     print(f"wrote {len(images)} images to {args.out}")
+
+
+def add_serve_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="a local web playground for a pipeline dir (needs the [app] extra)")
+    p.add_argument("--pipeline", required=True, help="directory written by UAEDiTPipeline.save_pretrained")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 serves the whole network")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--max-images", type=int, default=8, help="most images one request may ask for")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait; more are turned away with a busy message")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args) -> None:
+    try:
+        import gradio  # noqa: F401  (the optional [app] extra)
+    except ImportError as error:
+        raise SystemExit('uae-gen serve: error: Gradio is not installed; it comes with the optional "app" extra: '
+                         'pip install -e ".[app]"') from error
+    from uae_gen.serve import serve
+
+    serve(args.pipeline, host=args.host, port=args.port, device=args.device, max_images=args.max_images,
+          max_queue=args.max_queue)
 
 
 def positive_minutes(value: str) -> float:
@@ -116,6 +151,7 @@ def main(argv=None) -> None:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_demo_parser(subparsers)
     add_generate_parser(subparsers)
+    add_serve_parser(subparsers)
     add_convert_parser(subparsers)
     args = parser.parse_args(argv)
     try:
