@@ -346,6 +346,19 @@ def test_serve_without_gradio_names_the_app_extra(monkeypatch, capsys):
         main(["serve", "--pipeline", "unused"])
 
 
+def test_serve_on_a_busy_port_is_one_clear_error_before_the_model_loads(capsys):
+    from uae_gen.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_info:
+            main(["serve", "--pipeline", "not-loaded-first", "--port", str(port)])
+    assert exit_info.value.code == 2
+    assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
 # ---- as a script: timings and the README screenshot --------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description="Serve a pipeline, drive the playground in headless Chromium, "

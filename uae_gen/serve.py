@@ -22,6 +22,7 @@ import os
 import queue
 import re
 import shlex
+import socket
 import tempfile
 import threading
 from dataclasses import asdict, dataclass
@@ -314,9 +315,22 @@ def build_app(playground: Playground) -> gr.Blocks:
     return app
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise ValueError naming host and port when this process cannot listen there (in use, or not an address
+    of this machine)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ValueError(f"cannot serve on {host}:{port} ({error.strerror}): choose another --port or --host") \
+                from None
+
+
 def serve(pipeline_dir: str, host: str = "127.0.0.1", port: int = 7860, device: str = "cpu", max_images: int = 8,
           max_queue: int = 16) -> None:
     """Load the pipeline once and serve the playground until interrupted."""
+    check_port_free(host, port)  # before the model loads, and with one message instead of a server traceback
     playground = Playground(pipeline_dir, device, max_images)
     app = build_app(playground)
     app.queue(max_size=max_queue, default_concurrency_limit=1)
