@@ -23,6 +23,7 @@ from uae_gen.convert import convert_checkpoint, infer_ditdh_config
 from uae_gen.models.autoencoder_uae import AutoencoderUAE
 from uae_gen.models.dit import UAEDiT
 
+from .file_modes import unreadable_entries
 from .fixture_paths import FIXTURES
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -148,6 +149,7 @@ def test_rae_diffusers_matches_autoencoder_rae(tmp_path, with_stats):
     rae = perturb(rae, seed=1)
     rae.save_pretrained(tmp_path / "rae")
     convert_checkpoint("rae-diffusers", tmp_path / "rae", tmp_path / "uae")
+    assert unreadable_entries(tmp_path / "uae") == []  # mkdtemp's 0700 and safetensors' 0600 fixed
     uae = AutoencoderUAE.from_pretrained(tmp_path / "uae")
 
     config = uae.config

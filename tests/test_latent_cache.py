@@ -15,6 +15,8 @@ from uae_gen.data import LatentCacheDataset, LatentStatistics, load_demo_digits
 from uae_gen.models.autoencoder_uae import AutoencoderUAE
 from uae_gen.scripts import cache_latents
 
+from .file_modes import unreadable_entries
+
 NUM_SAMPLES = 40
 
 
@@ -36,6 +38,7 @@ def cache(tmp_path_factory):
     vae.save_pretrained(root / "vae")
     summary = cache_latents.main(cache_args(root / "vae", root / "cache"))
     assert summary["num_samples"] == NUM_SAMPLES and summary["num_parts"] == 3
+    assert unreadable_entries(root / "cache") == []
     data = load_demo_digits("train", image_size=32)
     return {"root": root, "vae": vae, "images": data.images[:NUM_SAMPLES], "labels": data.labels[:NUM_SAMPLES]}
 

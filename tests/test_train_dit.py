@@ -21,6 +21,8 @@ from uae_gen.models.dit import UAEDiT
 from uae_gen.scripts import cache_latents, train_dit
 from uae_gen.training import checkpointing, find_latest_checkpoint
 
+from .file_modes import unreadable_entries
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_DIT = REPO / "train" / "train_dit.py"  # the checkout's shim, run as a subprocess
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -148,6 +150,7 @@ def test_loss_goes_down_by_a_stated_factor(trained):
 
 def test_final_pipeline_loads_and_samples_with_the_ema_weights(data, trained):
     output_dir, _ = trained
+    assert unreadable_entries(output_dir) == []  # pipeline, checkpoints, grids: all readable by other users
     pipe = UAEDiTPipeline.from_pretrained(output_dir / "pipeline")
     assert pipe.id2label[7] == "digit 7" and pipe.scheduler.config.latent_dim == 64 * 8 * 8
     assert_same_weights(pipe.transformer.state_dict(),

@@ -18,6 +18,8 @@ from uae_gen.models.autoencoder_uae import UAE_PRESETS, AutoencoderUAE
 from uae_gen.models.encoders import SemanticEncoder
 from uae_gen.scripts import train_tokenizer
 
+from .file_modes import unreadable_entries
+
 REPO = Path(__file__).resolve().parents[1]
 # Measured on 16 held-out images: +7.0 / +6.9 / +6.6 dB after 20 steps (batch 8, seeds 0-2); we require +4 dB.
 PSNR_GAIN_DB, PSNR_STEPS = 4.0, 20
@@ -107,6 +109,7 @@ def test_stage1_under_accelerate_launch_freezes_the_encoder_and_improves_psnr(st
         assert state.keys() == initial.keys()
         assert all(torch.equal(state[k], initial[k]) for k in initial)  # bit-identical: never trained
 
+    assert unreadable_entries(stage1) == []  # weights, checkpoints, validation grids: readable by other users
     summary = read_json(stage1 / "training_summary.json")
     assert summary["global_step"] == PSNR_STEPS and summary["trained"] == ["decoder", "modulator"]
     assert summary["losses"] == ["l1"] and summary["band_noise"] is False

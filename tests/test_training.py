@@ -37,6 +37,8 @@ from uae_gen.training import (
 )
 from uae_gen.training import checkpointing
 
+from .file_modes import unreadable_entries
+
 
 def _tiny_model(seed=0):
     torch.manual_seed(seed)
@@ -198,6 +200,7 @@ def test_checkpoints_prune_survive_a_crash_and_reload_exactly(tmp_path, monkeypa
         assert path == os.path.join(output_dir, f"checkpoint-{step}")
     at_step_3 = _snapshot(model, ema, optimizer, scheduler)
     assert sorted(os.listdir(output_dir)) == ["checkpoint-2", "checkpoint-3"]
+    assert unreadable_entries(output_dir) == []  # safetensors writes 0600; save_checkpoint fixes the modes
     assert find_latest_checkpoint(output_dir) == os.path.join(output_dir, "checkpoint-3")
     assert checkpoint_step(find_latest_checkpoint(output_dir)) == 3
 

@@ -46,7 +46,7 @@ from .models.autoencoder_uae import AutoencoderUAE
 from .models.encoders import make_teacher
 from .pipelines.pipeline_uae_dit import UAEDiTPipeline
 from .scripts import train_dit as train_dit_script
-from .training import EMA, read_preset
+from .training import EMA, make_readable, read_preset
 
 # Steps of the phases every study runs alike, at the demo's default budget (see uae_gen.demo for what they cost);
 # the minimum of each (and of the DiT's) when a budget scales them down.
@@ -228,7 +228,10 @@ def train_teacher(train, steps: int, seed: int, path: Path):
     labels = torch.cat([split.labels for split in renderings])
     teacher = train_classifier(build_teacher(train.num_classes), images, labels, steps, seed=seed,
                                description="teacher")
-    save_file({k: v.contiguous() for k, v in teacher.encoder.backbone.state_dict().items()}, str(path))
+    temp = path.with_name(f".tmp-{path.name}")  # written whole, readable, then renamed into place
+    save_file({k: v.contiguous() for k, v in teacher.encoder.backbone.state_dict().items()}, str(temp))
+    make_readable(str(temp))
+    os.replace(temp, path)
     return teacher
 
 

@@ -16,6 +16,8 @@ from typing import Any, Optional
 import torch
 from accelerate import init_empty_weights
 
+from ..training.checkpointing import make_readable
+
 STATS_EPS = 1e-5  # official latent normalisation: (z - mean) / sqrt(var + 1e-5)
 
 # ---------------------------------------------------------------------------------------------------------
@@ -226,6 +228,7 @@ def write_directory(model, dst: Path, overwrite: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        make_readable(str(tmp))
         if dst.is_dir():
             shutil.rmtree(dst)
         elif dst.exists():

@@ -40,6 +40,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from ..training.checkpointing import make_readable
+
 from ..models.autoencoder_uae import AutoencoderUAE
 
 CACHE_INFO = "cache_info.json"
@@ -180,6 +182,7 @@ class LatentCacheWriter:
         }
         temp_path = os.path.join(self.cache_dir, ".tmp-" + name)
         save_file(tensors, temp_path)
+        make_readable(temp_path)
         os.replace(temp_path, os.path.join(self.cache_dir, name))
         self.parts.append({"file": name, "num_samples": count})
 
@@ -217,6 +220,7 @@ def finalize_latent_cache(
     """
     autoencoder.set_latent_statistics(mean, std)
     autoencoder.save_pretrained(os.path.join(cache_dir, CACHE_AUTOENCODER))
+    make_readable(os.path.join(cache_dir, CACHE_AUTOENCODER))
     info = {
         "format_version": CACHE_FORMAT_VERSION,
         "num_samples": sum(part["num_samples"] for part in parts),

@@ -39,7 +39,7 @@ from uae_gen.training import EMA, LossLogger, backward_and_step, batch_seed, los
 from uae_gen.training import add_training_arguments, check_training_arguments, parse_args_with_preset, read_preset
 from uae_gen.training import make_accelerator, make_adamw, make_lr_scheduler, make_train_dataloader
 from uae_gen.training import register_pretrained_hooks, resume_from_checkpoint, save_checkpoint
-from uae_gen.training import add_attention_backend_argument, compile_module, save_image_grid, write_json
+from uae_gen.training import add_attention_backend_argument, compile_module, make_readable, save_image_grid, write_json
 
 DATA_SOURCES = ("latent_cache", "train_data_dir", "dataset")
 LOWPASS_STATS_SAMPLES = 10_000
@@ -282,6 +282,7 @@ def save_pipeline(pipe: UAEDiTPipeline, pipeline_dir: str) -> None:
     temp_dir = os.path.join(os.path.dirname(pipeline_dir), ".tmp-pipeline")
     shutil.rmtree(temp_dir, ignore_errors=True)
     pipe.save_pretrained(temp_dir)
+    make_readable(temp_dir)
     shutil.rmtree(pipeline_dir, ignore_errors=True)
     os.rename(temp_dir, pipeline_dir)
 

@@ -28,6 +28,7 @@ optimisers, schedulers and the discriminator (accelerate's files), plus the live
 import argparse
 import json
 import os
+import shutil
 import time
 
 import torch
@@ -46,7 +47,7 @@ from uae_gen.training import EMA, LossLogger, backward_and_step, batch_seed, res
 from uae_gen.training import add_training_arguments, check_training_arguments, parse_args_with_preset, read_preset
 from uae_gen.training import make_accelerator, make_adamw, make_lr_scheduler, make_train_dataloader
 from uae_gen.training import register_pretrained_hooks, resume_from_checkpoint, save_checkpoint
-from uae_gen.training import compile_module, save_image_grid, write_json
+from uae_gen.training import compile_module, make_readable, save_image_grid, write_json
 
 logger = get_logger(__name__)
 
@@ -210,6 +211,18 @@ def read_validation_log(args, resume_path, global_step: int) -> list:
         return [entry for entry in json.load(file) if entry["step"] <= global_step]
 
 
+def save_weights(model: AutoencoderUAE, output_dir: str) -> None:
+    """save_pretrained into a temp folder inside output_dir, then move each file into place (one atomic rename
+    each), readable like any new file."""
+    temp_dir = os.path.join(output_dir, ".tmp-weights")
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    model.save_pretrained(temp_dir)
+    make_readable(temp_dir)
+    for name in os.listdir(temp_dir):
+        os.replace(os.path.join(temp_dir, name), os.path.join(output_dir, name))
+    os.rmdir(temp_dir)
+
+
 def main(args: argparse.Namespace) -> dict:
     start_time = time.time()
     accelerator = make_accelerator(args)
@@ -335,7 +348,7 @@ def main(args: argparse.Namespace) -> dict:
         "validation": validation_log, "wall_time_s": round(time.time() - start_time, 1),
     }
     if accelerator.is_main_process:
-        (ema.model if ema is not None else uae).save_pretrained(args.output_dir)
+        save_weights(ema.model if ema is not None else uae, args.output_dir)
         write_json(os.path.join(args.output_dir, "training_summary.json"), summary)
     accelerator.end_training()
     return summary

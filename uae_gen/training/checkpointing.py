@@ -47,6 +47,20 @@ def _replace_dir(source: str, destination: str) -> None:
         os.rename(source, destination)
 
 
+def make_readable(path: str) -> None:
+    """Give `path` and everything under it the modes of ordinary new files and folders (0666 / 0777 less the
+    umask): safetensors >= 0.8 writes its files 0600 and tempfile.mkdtemp makes 0700 folders, which other users of
+    the machine could not read. Call it before the atomic rename that publishes them."""
+    umask = os.umask(0)  # the only way to read it; restored at once
+    os.umask(umask)
+    entries = [(path, os.path.isdir(path))]
+    for root, folders, files in os.walk(path):
+        entries += [(os.path.join(root, name), True) for name in folders]
+        entries += [(os.path.join(root, name), False) for name in files]
+    for entry, is_folder in entries:
+        os.chmod(entry, (0o777 if is_folder else 0o666) & ~umask)
+
+
 def save_checkpoint(
     accelerator: Accelerator, output_dir: str, global_step: int, total_limit: Optional[int] = None
 ) -> str:
@@ -71,6 +85,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         with open(os.path.join(temp_dir, CHECKPOINT_MARKER), "w") as marker:
             json.dump({"global_step": global_step}, marker)
+        make_readable(temp_dir)
         _replace_dir(temp_dir, final_dir)
         if total_limit is not None:
             checkpoints = _complete_checkpoints(output_dir)
