@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from uae_gen.training import (
     find_latest_checkpoint,
     get_lr_scheduler,
     loss_summary,
+    make_readable,
     parse_args_with_preset,
     read_preset,
     resolve_resume_path,
@@ -182,6 +184,35 @@ def _assert_same(a, b):
             assert torch.equal(a[part][name], b[part][name]), (part, name)
     for x, y in zip(a["exp_avg"], b["exp_avg"], strict=True):
         assert torch.equal(x, y)
+
+
+def test_make_readable_gives_safetensors_files_and_mkdtemp_folders_the_modes_of_new_ones(tmp_path):
+    """safetensors >= 0.8 writes 0600 files and mkdtemp makes 0700 folders; make_readable follows the umask (here a
+    stricter one than usual), for one file or a whole tree, and leaves the target of a symlink alone."""
+    from safetensors.torch import save_file
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not ours")
+    outside.chmod(0o600)
+    previous = os.umask(0o027)
+    try:
+        folder = tempfile.mkdtemp(dir=tmp_path)
+        os.makedirs(os.path.join(folder, "sub"))
+        for path in (os.path.join(folder, "sub", "a.safetensors"), str(tmp_path / "single.safetensors")):
+            save_file({"a": torch.zeros(1)}, path)
+        os.symlink(outside, os.path.join(folder, "link"))
+        assert os.stat(folder).st_mode & 0o777 == 0o700
+        assert os.stat(tmp_path / "single.safetensors").st_mode & 0o777 == 0o600
+        make_readable(folder)
+        make_readable(str(tmp_path / "single.safetensors"))
+    finally:
+        os.umask(previous)
+    modes = {os.path.relpath(p, tmp_path): os.stat(p).st_mode & 0o777
+             for p in [folder, os.path.join(folder, "sub"), os.path.join(folder, "sub", "a.safetensors"),
+                       tmp_path / "single.safetensors", outside]}
+    name = os.path.basename(folder)
+    assert modes == {name: 0o750, f"{name}/sub": 0o750, f"{name}/sub/a.safetensors": 0o640,
+                     "single.safetensors": 0o640, "outside.txt": 0o600}
 
 
 def test_checkpoints_prune_survive_a_crash_and_reload_exactly(tmp_path, monkeypatch):

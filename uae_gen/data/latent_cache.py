@@ -40,9 +40,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from ..training.checkpointing import make_readable
-
 from ..models.autoencoder_uae import AutoencoderUAE
+from ..training.checkpointing import make_readable
 
 CACHE_INFO = "cache_info.json"
 CACHE_AUTOENCODER = "autoencoder"

@@ -48,17 +48,22 @@ def _replace_dir(source: str, destination: str) -> None:
 
 
 def make_readable(path: str) -> None:
-    """Give `path` and everything under it the modes of ordinary new files and folders (0666 / 0777 less the
-    umask): safetensors >= 0.8 writes its files 0600 and tempfile.mkdtemp makes 0700 folders, which other users of
-    the machine could not read. Call it before the atomic rename that publishes them."""
-    umask = os.umask(0)  # the only way to read it; restored at once
-    os.umask(umask)
+    """Give the file `path`, or a folder and everything under it, the modes of ordinary new files and folders
+    (0666 / 0777 less the umask). Call it before the atomic rename that publishes them."""
+    # Why: safetensors >= 0.8 writes every file 0600 and tempfile.mkdtemp makes 0700 folders (other users can't read).
+    try:  # the umask, read without changing it (Linux)
+        with open("/proc/self/status") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, ValueError, IndexError, StopIteration):  # elsewhere: set and restored at once
+        umask = os.umask(0o022)
+        os.umask(umask)
     entries = [(path, os.path.isdir(path))]
     for root, folders, files in os.walk(path):
         entries += [(os.path.join(root, name), True) for name in folders]
         entries += [(os.path.join(root, name), False) for name in files]
     for entry, is_folder in entries:
-        os.chmod(entry, (0o777 if is_folder else 0o666) & ~umask)
+        if not os.path.islink(entry):  # chmod would follow it to a file the writer did not make
+            os.chmod(entry, (0o777 if is_folder else 0o666) & ~umask)
 
 
 def save_checkpoint(
