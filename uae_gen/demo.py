@@ -56,6 +56,7 @@ from .demo_setup import (
 )
 from .metrics import frechet_distance_from_features, psnr
 from .models.autoencoder_uae import UAE_PRESETS, AutoencoderUAE
+from .scripts.train_dit import save_pipeline
 from .training import read_preset, save_image_grid, write_json
 
 DEFAULT_MINUTES = 12.0
@@ -315,7 +316,7 @@ def run_demo(out_dir: str = "uae_gen_demo", minutes: float = DEFAULT_MINUTES, se
     replans["dit"] = replan(minutes, observed, started, finished, steps)
     steps.update(replans["dit"].steps)
     pipe = train_dit(cache_dir, work / "dit", steps["dit"], seed)
-    pipe.save_pretrained(out / "pipeline")
+    save_pipeline(pipe, str(out / "pipeline"))  # temp folder, readable, renamed into place
     timer.lap("dit_s")
 
     # Sampling keeps the counts planned before the DiT: cutting them after an overrun would make the scores
