@@ -76,14 +76,16 @@ def test_flip_choice_is_random_per_sample_fixed_per_epoch(cache):
     dataset = LatentCacheDataset(cache_dir, random_flip=True, seed=3)
     flips = [dataset.flips(i) for i in range(NUM_SAMPLES)]
     assert 8 <= sum(flips) <= 32
-    assert flips == [LatentCacheDataset(cache_dir, random_flip=True, seed=3).flips(i) for i in range(NUM_SAMPLES)]
+    again = LatentCacheDataset(cache_dir, random_flip=True, seed=3)  # a fresh dataset, the same seed
+    assert flips == [again.flips(i) for i in range(NUM_SAMPLES)]
     normalizer = dataset.normalizer
     for i in (flips.index(True), flips.index(False)):
         expected = normalizer.normalize_latents(dataset.raw_latent(i, flipped=flips[i])[None])[0]
         assert torch.equal(dataset[i][0], expected)
     dataset.set_epoch(1)
     assert [dataset.flips(i) for i in range(NUM_SAMPLES)] != flips
-    assert not any(LatentCacheDataset(cache_dir).flips(i) for i in range(NUM_SAMPLES))
+    unflipped = LatentCacheDataset(cache_dir)  # random_flip off: never flipped
+    assert not any(unflipped.flips(i) for i in range(NUM_SAMPLES))
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

@@ -1,7 +1,9 @@
-"""uae_gen/scripts/train_tokenizer.py: the three UAE stages chained on the tiny preset, each under
-`accelerate launch` and started from the previous stage's output (stage 3 also in-process to watch its
-discriminator), what each stage trains, the frozen teacher, the discriminator start step, validation PSNR, exact
-resume in a new process, flag / preset handling. Tiny random-weight models; no downloads."""
+"""uae_gen/scripts/train_tokenizer.py: the three UAE stages chained on the tiny preset, each started from the
+previous stage's output: stages 1 and 2 in-process (one run each, every test of the stage reads it; stage 2's run
+also captures its teacher), stage 3 under `accelerate launch` in bf16 (a subprocess: accelerate fixes the precision
+once per process) and in-process to watch its discriminator; what each stage trains, the frozen teacher, the
+discriminator start step, validation PSNR, exact resume in a new process, flag / preset handling. Tiny random-weight
+models; no downloads. (`uae-gen demo`, tests/test_demo.py, runs all three stages under `accelerate launch`.)"""
 
 import json
 import os
@@ -63,33 +65,55 @@ def encoder_file(workdir):
     return path
 
 
-def accelerate_launch(script_argv, mixed_precision="no"):
-    command = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision",
-               mixed_precision, "--dynamo_backend", "no", "-m", "uae_gen.scripts.train_tokenizer",
-               *map(str, script_argv)]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+def accelerate_launch_command(script_argv, mixed_precision="no"):
+    return ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision",
+            mixed_precision, "--dynamo_backend", "no", "-m", "uae_gen.scripts.train_tokenizer", *map(str, script_argv)]
+
+
+def run_side_by_side(runs: dict, log_dir: Path) -> None:
+    """Run independent commands ({name: (command, environment)}) at the same time and wait for all of them: a fresh
+    interpreter spends most of its ~10 s start-up importing on one core, so two of them take about as long as one on
+    a 2-core machine. Their output goes to files (a full pipe would stall a process that nobody reads yet)."""
+    running = {}
+    for name, (command, env) in runs.items():
+        log = open(log_dir / f"{name.replace(' ', '_')}.log", "w+")
+        running[name] = (subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+    for name, (process, log) in running.items():
+        with log:
+            returncode = process.wait()
+            log.seek(0)
+            assert returncode == 0, (name, log.read()[-3000:])
 
 
 @pytest.fixture(scope="module")
 def stage1(workdir, encoder_file):
+    """Stage 1 in-process (the launcher's start-up would double its cost; stage 3 below runs under it)."""
     output_dir = workdir / "stage1"
-    script_argv = tiny_argv(1, output_dir, PSNR_STEPS, "--pretrained_encoder", encoder_file, "--train_batch_size", 8,
-                            "--validation_steps", PSNR_STEPS, "--checkpointing_steps", PSNR_STEPS,
-                            "--num_validation_images", 16)
-    accelerate_launch(script_argv)
+    run_in_process(tiny_argv(1, output_dir, PSNR_STEPS, "--pretrained_encoder", encoder_file, "--train_batch_size", 8,
+                             "--validation_steps", PSNR_STEPS, "--checkpointing_steps", PSNR_STEPS,
+                             "--num_validation_images", 16))
     return output_dir
 
 
 @pytest.fixture(scope="module")
 def stage2(workdir, stage1, encoder_file, random_vgg_file):
+    """One stage-2 run from stage 1's output (LPIPS, gradient accumulation), in-process so that the teacher object
+    itself can be inspected after the encoder has taken optimiser steps: returns the output folder, the summary and
+    the teacher(s) the script built."""
+    teachers, make_teacher = [], train_tokenizer.make_teacher
+
+    def capture_teacher(encoder):
+        teachers.append(make_teacher(encoder))
+        return teachers[-1]
+
     output_dir = workdir / "stage2"
-    accelerate_launch(tiny_argv(
-        2, output_dir, 2, "--init_from", stage1, "--pretrained_encoder", encoder_file, "--train_batch_size", 4,
-        "--gradient_accumulation_steps", 2, "--lpips_weight", 0.5, "--lpips_vgg_weights", random_vgg_file,
-        "--validation_steps", 100, "--checkpointing_steps", 2, "--num_validation_images", 16))
-    return output_dir, read_json(output_dir / "training_summary.json")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_tokenizer, "make_teacher", capture_teacher)
+        run_in_process(tiny_argv(
+            2, output_dir, 2, "--init_from", stage1, "--pretrained_encoder", encoder_file, "--train_batch_size", 4,
+            "--gradient_accumulation_steps", 2, "--lpips_weight", 0.5, "--lpips_vgg_weights", random_vgg_file,
+            "--validation_steps", 100, "--checkpointing_steps", 2, "--num_validation_images", 16))
+    return output_dir, read_json(output_dir / "training_summary.json"), teachers
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +125,7 @@ def random_vgg_file(workdir):
     return path
 
 
-def test_stage1_under_accelerate_launch_freezes_the_encoder_and_improves_psnr(stage1, encoder_file):
+def test_stage1_freezes_the_encoder_and_improves_psnr(stage1, encoder_file):
     initial = load_file(encoder_file)
     final = AutoencoderUAE.from_pretrained(stage1)  # the EMA weights
     live = encoder_tensors(checkpoint_autoencoder(stage1 / f"checkpoint-{PSNR_STEPS}"))
@@ -123,8 +147,8 @@ def test_stage1_under_accelerate_launch_freezes_the_encoder_and_improves_psnr(st
         assert final(images).sample.shape == (2, 3, 32, 32)
 
 
-def test_stage2_under_accelerate_launch_starts_from_stage1_and_trains_the_encoder(stage1, stage2, encoder_file):
-    output_dir, summary = stage2
+def test_stage2_starts_from_stage1_and_trains_the_encoder(stage1, stage2, encoder_file):
+    output_dir, summary, _ = stage2
     initial = load_file(encoder_file)
     # Stage 2's first evaluation is stage 1's output (its EMA weights) on the same held-out images.
     assert summary["validation"][0]["psnr"] == pytest.approx(read_json(stage1 / "validation.json")[-1]["psnr_ema"],
@@ -137,19 +161,9 @@ def test_stage2_under_accelerate_launch_starts_from_stage1_and_trains_the_encode
     assert summary["losses"] == ["l1", "lpips", "semantic"]
 
 
-def test_stage2_teacher_is_the_initial_encoder_frozen_and_unchanged(workdir, stage1, encoder_file):
-    """In-process so the teacher object itself can be inspected after the encoder has taken optimiser steps."""
-    teachers, make_teacher = [], train_tokenizer.make_teacher
-
-    def capture_teacher(encoder):
-        teachers.append(make_teacher(encoder))
-        return teachers[-1]
-
-    output_dir = workdir / "stage2_teacher"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_tokenizer, "make_teacher", capture_teacher)
-        run_in_process(tiny_argv(2, output_dir, 2, "--init_from", stage1, "--pretrained_encoder", encoder_file,
-                                 "--train_batch_size", 4, "--validation_steps", 100, "--num_validation_images", 4))
+def test_stage2_teacher_is_the_initial_encoder_frozen_and_unchanged(stage2, encoder_file):
+    """The teacher object stage 2 built (captured by the stage2 fixture), after the encoder took optimiser steps."""
+    output_dir, _, teachers = stage2
     initial = load_file(encoder_file)
     trained = encoder_tensors(AutoencoderUAE.from_pretrained(output_dir).state_dict())
     assert any(not torch.equal(trained[k], initial[k]) for k in initial)
@@ -193,25 +207,44 @@ def test_stage3_noise_gan_and_no_discriminator_update_before_its_start(workdir, 
     assert AutoencoderUAE.from_pretrained(output_dir).config.image_size == 32
 
 
-def test_resume_in_a_new_process_is_exact(workdir, encoder_file):
+def resume_argv(encoder_file, output_dir, steps):
+    return tiny_argv(3, output_dir, steps, "--pretrained_encoder", encoder_file, "--max_train_samples", 10,
+                     "--train_batch_size", 4, "--checkpointing_steps", 3, "--validation_steps", 100,
+                     "--num_validation_images", 4, "--discriminator_start_step", 1, "--gan_start_step", 1,
+                     "--ema_decay", 0.9)
+
+
+def bf16_argv(stage2, encoder_file, random_vgg_file, output_dir):
+    return tiny_argv(3, output_dir, 2, "--init_from", stage2[0], "--pretrained_encoder", encoder_file,
+                     "--mixed_precision", "bf16",
+                     "--train_batch_size", 4, "--lpips_weight", 1, "--lpips_vgg_weights", random_vgg_file,
+                     "--discriminator_start_step", 0, "--gan_start_step", 0, "--num_validation_images", 4)
+
+
+@pytest.fixture(scope="module")
+def new_processes(workdir, stage2, encoder_file, random_vgg_file):
+    """This file's two runs in fresh processes, started together (run_side_by_side): the resume of a 3-step run to
+    6 steps (`python -m`, next to an uninterrupted 6-step run made in-process), and stage 3 in bf16 under
+    `accelerate launch`, chained from stage 2's output."""
+    uninterrupted, resumed, bf16 = workdir / "uninterrupted", workdir / "resumed", workdir / "bf16"
+    run_in_process(resume_argv(encoder_file, uninterrupted, 6))
+    run_in_process(resume_argv(encoder_file, resumed, 3))
+    run_side_by_side({
+        "resume": ([sys.executable, "-m", "uae_gen.scripts.train_tokenizer",
+                    *map(str, resume_argv(encoder_file, resumed, 6)), "--resume_from_checkpoint", "latest"],
+                   {**os.environ, "HF_HUB_OFFLINE": "1"}),
+        "bf16 launch": (accelerate_launch_command(bf16_argv(stage2, encoder_file, random_vgg_file, bf16),
+                                                  mixed_precision="bf16"),
+                        {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}),
+    }, workdir)
+    return {"uninterrupted": uninterrupted, "resumed": resumed, "bf16": bf16}
+
+
+def test_resume_in_a_new_process_is_exact(new_processes):
     """N = 3 steps + checkpoint, then a new process resumes to 2N; compared with an uninterrupted 2N-step run
     (in-process). 10 images in batches of 4 make 2 steps per epoch, so the resume lands mid-epoch 1 and crosses
     into epoch 2; D updates and the G adversarial term are on from step 1, EMA decay 0.9."""
-
-    def argv(output_dir, steps):
-        return tiny_argv(3, output_dir, steps, "--pretrained_encoder", encoder_file, "--max_train_samples", 10,
-                         "--train_batch_size", 4, "--checkpointing_steps", 3, "--validation_steps", 100,
-                         "--num_validation_images", 4, "--discriminator_start_step", 1, "--gan_start_step", 1,
-                         "--ema_decay", 0.9)
-
-    uninterrupted, resumed = workdir / "uninterrupted", workdir / "resumed"
-    run_in_process(argv(uninterrupted, 6))
-    run_in_process(argv(resumed, 3))
-    command = [sys.executable, "-m", "uae_gen.scripts.train_tokenizer", *map(str, argv(resumed, 6)),
-               "--resume_from_checkpoint", "latest"]
-    result = subprocess.run(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
-                            text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    uninterrupted, resumed = new_processes["uninterrupted"], new_processes["resumed"]
     assert read_json(resumed / "training_summary.json")["resumed_from"].endswith("checkpoint-3")
 
     a, b = uninterrupted / "checkpoint-6", resumed / "checkpoint-6"
@@ -230,17 +263,11 @@ def test_resume_in_a_new_process_is_exact(workdir, encoder_file):
     assert all(torch.equal(ema_run[k], v) for k, v in checkpoint_autoencoder(a, "autoencoder_ema").items())
 
 
-def test_stage3_under_accelerate_launch_from_stage2_with_every_loss_in_bf16(workdir, stage2, encoder_file,
-                                                                           random_vgg_file):
-    """Stage 3 under `accelerate launch`, chained from stage 2's output. The ImageNet preset trains in bf16: model
-    outputs, LPIPS, the teacher and the discriminator must cope (a subprocess: accelerate fixes the precision once
-    per process)."""
-    output_dir = workdir / "bf16"
-    argv = tiny_argv(3, output_dir, 2, "--init_from", stage2[0], "--pretrained_encoder", encoder_file,
-                     "--mixed_precision", "bf16",
-                     "--train_batch_size", 4, "--lpips_weight", 1, "--lpips_vgg_weights", random_vgg_file,
-                     "--discriminator_start_step", 0, "--gan_start_step", 0, "--num_validation_images", 4)
-    accelerate_launch(argv, mixed_precision="bf16")
+def test_stage3_under_accelerate_launch_from_stage2_with_every_loss_in_bf16(new_processes):
+    """Stage 3 under `accelerate launch`, chained from stage 2's output (the new_processes fixture runs it). The
+    ImageNet preset trains in bf16: model outputs, LPIPS, the teacher and the discriminator must cope (a subprocess:
+    accelerate fixes the precision once per process)."""
+    output_dir = new_processes["bf16"]
     summary = read_json(output_dir / "training_summary.json")
     assert summary["losses"] == ["discriminator", "generator", "l1", "lpips", "semantic"]
     assert all(torch.isfinite(torch.tensor(value)) for value in summary["last_logs"].values())
