@@ -31,7 +31,8 @@ setup(
         "app": ["gradio>=6"],  # `uae-gen serve`
         # The playground's tests drive a real browser: Playwright runs the system Chromium (apt-get install -y
         # chromium), never a browser it downloads itself.
-        "test": ["pytest>=7", "transformers>=4.40", "gradio>=6", "playwright>=1.40"],
+        # pytest-xdist: the suite runs on two workers (pytest.ini), one file per worker at a time.
+        "test": ["pytest>=7", "pytest-xdist>=3", "transformers>=4.40", "gradio>=6", "playwright>=1.40"],
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["uae-gen=uae_gen.cli:main"]},

@@ -5,6 +5,10 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One of two workers sharing the cores (pytest.ini): one thread each, for torch here (set before it is
+    # imported) and for the subprocesses the tests start; two threads each would spin on each other's core.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="module")
