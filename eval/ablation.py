@@ -29,7 +29,7 @@ seed of --generation_seeds, checkpointed every quarter; each picks its CFG scale
 every NFE of NFE_GRID and at every checkpoint (generation.png: the curves).
 
     python eval/ablation.py --rows gen --latent_cache uae_gen_demo/work/latents --generation_seeds 0 1 2 \
-        --generation_rows uniform progressive freq64x2
+        --generation_rows uniform freq64x2 freq64x4
 
 Writes to --out_dir: ablation.md (tables, row notes, the paper's claims checked), ablation.json (every number,
 setting and step count), reconstructions.png (held-out originals, then each row's reconstructions), samples.png
@@ -233,25 +233,29 @@ class GenerationRow:
     note: str
 
 
+# dit_tiny runs on frequency tokens; the spatial rows turn that off and learn the whole 8x8 latent, one token per cell.
+SPATIAL = ("--latent_lowpass", "none", "--no-frequency_tokens", "--coefficients_per_token", 1)
 GENERATION_ROWS = (
-    GenerationRow("uniform", (), "plain flow matching: one time for the whole latent (the default)"),
-    GenerationRow("progressive", ("--band_stagger", PROGRESSIVE_STAGGER),
+    GenerationRow("uniform", SPATIAL, "plain flow matching on the spatial latent: one time for the whole latent, "
+                  "64 tokens"),
+    GenerationRow("progressive", (*SPATIAL, "--band_stagger", PROGRESSIVE_STAGGER),
                   f"compressed band clocks, stagger {PROGRESSIVE_STAGGER}: band 0 is clean from t = "
                   f"{PROGRESSIVE_STAGGER} on, the highest band only at t = 0"),
-    GenerationRow("shifted", ("--band_clock", "shifted", "--band_stagger", SHIFTED_STAGGER, "--band0_loss_weight", 2.0),
+    GenerationRow("shifted", (*SPATIAL, "--band_clock", "shifted", "--band_stagger", SHIFTED_STAGGER,
+                              "--band0_loss_weight", 2.0),
                   f"SFD's shifted band clocks (band 0 leads by {SHIFTED_STAGGER}, one time embedding per band, "
                   "band 0's loss x2, finished bands' drift masked)"),
-    GenerationRow("lowpass32", ("--latent_lowpass", 32, "--frequency_tokens"),
+    GenerationRow("lowpass32", ("--latent_lowpass", 32, "--frequency_tokens", "--coefficients_per_token", 1),
                   "the UAE v2 frequency-limited latent: the first 32 of the 64 zig-zag DCT coefficients per channel, "
                   "one token each (32 tokens)"),
     GenerationRow("freq64x2", ("--latent_lowpass", 64, "--frequency_tokens", "--coefficients_per_token", 2),
                   "the whole DCT spectrum in zig-zag order, two neighbouring coefficients per token: 32 tokens "
                   "ordered from low to high frequency"),
     GenerationRow("freq64x4", ("--latent_lowpass", 64, "--frequency_tokens", "--coefficients_per_token", 4),
-                  "as freq64x2 with four coefficients per token: 16 tokens"),
+                  "as freq64x2 with four coefficients per token: 16 tokens (dit_tiny's default)"),
 )
 GENERATION_BY_KEY = {row.key: row for row in GENERATION_ROWS}
-DEFAULT_GENERATION_ROWS = ("uniform", "progressive", "freq64x2")
+DEFAULT_GENERATION_ROWS = ("uniform", "freq64x2", "freq64x4")
 
 
 def dit_step_seconds(rows: list[GenerationRow], latent_cache: Path, num_classes: int) -> dict[str, float]:

@@ -274,7 +274,7 @@ def test_imagenet256_preset_prints_accepted_commands_for_every_row(tmp_path, mon
                for a in tokenizer_runs)
     dit_runs = [args for script, args in parsed if script == "train/train_dit.py"]
     assert [(a.band_stagger, a.latent_lowpass, a.frequency_tokens, a.coefficients_per_token) for a in dit_runs] == [
-        (0.0, None, False, 1), (ablation.PROGRESSIVE_STAGGER, None, False, 1), (0.0, 64, True, 2)]
+        (0.0, None, False, 1), (0.0, 64, True, 2), (0.0, 64, True, 4)]
     assert all(a.model == "DiT-DH-XL" and a.latent_cache.endswith("latents-d") for a in dit_runs)
     counts = {name: sum(script == name for script, _ in parsed) for name in parsers}
     assert counts == {"train/train_tokenizer.py": 9, "train/cache_latents.py": 1, "train/train_dit.py": 3,

@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--solver", choices=SOLVERS, default="euler", help="sampler saved with the pipeline")
     add_attention_backend_argument(p)
     # low-to-high: the UAE frequency-limited latent, optionally as fewer tokens
-    add("--latent_lowpass", type=int, help="learn the first N zig-zag DCT coefficients of each latent channel "
-        "(the UAE v2 frequency-limited latent; per-channel statistics recomputed on it)")
+    add("--latent_lowpass", type=coefficient_count, help="learn the first N zig-zag DCT coefficients of each latent "
+        "channel (the UAE v2 frequency-limited latent; per-channel statistics recomputed on it); 'none' turns a "
+        "preset's value off")
     add("--frequency_tokens", action=flag, default=False,
         help="the DiT runs on those N coefficients as N tokens instead of h*w (needs --latent_lowpass)")
     add("--lowpass_schedule", nargs="+", type=lowpass_stage, metavar="N@STEP",
@@ -95,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--validation_num_inference_steps", type=int, default=25)
     p.set_defaults(output_dir="uae-dit", train_batch_size=32, ema_decay=0.9995, tracker_project_name="uae-dit")
     return p
+
+
+def coefficient_count(value: str) -> int | None:
+    """--latent_lowpass: a count N, or "none" (the whole latent, as when the flag is absent)."""
+    if value.lower() == "none":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--latent_lowpass takes a coefficient count or 'none', got {value!r}") from None
 
 
 def lowpass_stage(value: str) -> tuple[int, int]:
