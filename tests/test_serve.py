@@ -315,6 +315,20 @@ def test_page_inputs_are_checked_with_messages_naming_the_input(saved_pipeline, 
             playground.settings(**{**good, **change})
 
 
+def test_the_page_names_the_token_layout(saved_pipeline, tmp_path, one_torch_thread):
+    from uae_gen import AutoencoderUAE, FlowMatchBandScheduler, UAEDiT, UAEDiTPipeline
+    from uae_gen.serve import Playground
+
+    assert "frequency tokens" not in Playground(str(saved_pipeline)).describe()  # spatial: one token per cell
+    # dit_tiny's layout: all 64 coefficients of the 8x8 latent, four per token
+    transformer = UAEDiT.from_preset("DiT-tiny", in_channels=64, sample_size=8, num_classes=10, frequency_tokens=64,
+                                     coefficients_per_token=4)
+    UAEDiTPipeline(transformer=transformer, vae=AutoencoderUAE.from_preset("tiny", dct_lowpass_coefficients=64),
+                   scheduler=FlowMatchBandScheduler(latent_dim=64 * 8 * 8)).save_pretrained(tmp_path / "frequency")
+    assert "latent 64x8x8, 16 frequency tokens (64 DCT coefficients per channel)" in \
+        Playground(str(tmp_path / "frequency")).describe()
+
+
 def test_download_is_written_whole_with_normal_permissions_and_the_settings(tmp_path):
     from uae_gen.serve import GenerationSettings, save_download
 
@@ -384,6 +398,8 @@ def main() -> None:
         print(f"{args.pipeline}: page load {load_seconds:.2f} s, first step decode {first_decode:.2f} s, "
               f"{args.num_images} images at {args.steps} steps {all_images:.2f} s after the click")
         if args.screenshot:  # 256 colours keep the README's picture small
+            # the strip's last images may still be loading when the gallery reports them
+            page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
             Image.open(io.BytesIO(page.screenshot(full_page=True))).quantize(256).save(args.screenshot, optimize=True)
 
 

@@ -144,8 +144,13 @@ class Playground:
     def describe(self) -> str:
         config, schedule = self.pipe.scheduler.config, self.pipe.scheduler.band_schedule
         height, width = self.pipe.vae.latent_size
+        transformer = self.pipe.transformer.config
+        tokens = ""
+        if transformer.frequency_tokens:  # the DiT generates DCT coefficients, lowest frequencies first
+            tokens = (f", {transformer.frequency_tokens // transformer.coefficients_per_token} frequency tokens "
+                      f"({transformer.frequency_tokens} DCT coefficients per channel)")
         return (f"`{self.pipeline_dir}` on {self.device}: {self.num_classes} classes, latent "
-                f"{self.pipe.vae.latent_channels}x{height}x{width}, {schedule.num_bands} band(s), "
+                f"{self.pipe.vae.latent_channels}x{height}x{width}{tokens}, {schedule.num_bands} band(s), "
                 f"{config.band_clock} band clocks, stagger {schedule.stagger:g}")
 
     # ---- page inputs -> settings ------------------------------------------------------------------------------
