@@ -314,7 +314,9 @@ def generation_rows(out: Path, latent_cache: Path, keys: list[str], steps: dict,
     per_class, results, samples = steps["samples_per_class"], [], []
     for row in rows:
         n = max(MIN_STEPS["dit"], round(steps["dit"] * uniform_seconds / step_seconds[row.key]))
-        every = max(1, n // len(CHECKPOINT_FRACTIONS))
+        # a whole number of quarters, so that the last checkpoint is the final step
+        every = max(1, round(n / len(CHECKPOINT_FRACTIONS)))
+        n = every * len(CHECKPOINT_FRACTIONS)
         record = {"key": row.key, "flags": list(row.flags), "note": row.note, "dit_steps": n,
                   "checkpoint_steps": [every * (i + 1) for i in range(len(CHECKPOINT_FRACTIONS) - 1)] + [n],
                   "train_step_ms": step_seconds[row.key] * 1000,
