@@ -151,7 +151,8 @@ def trained(data, tmp_path_factory):
     return output_dir, summary
 
 
-LOSS_FACTOR = 1.3  # measured 1.44-1.47 after 150 steps (first-tenth mean / last-tenth mean, seeds 0-2; spatial: 2.09-2.15)
+# measured 1.44-1.47 after 150 steps (first-tenth mean / last-tenth mean, seeds 0-2; the spatial DiT: 2.09-2.15)
+LOSS_FACTOR = 1.3
 
 
 def test_loss_goes_down_by_a_stated_factor(trained):

@@ -105,7 +105,8 @@ def coefficient_count(value: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--latent_lowpass takes a coefficient count or 'none', got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"--latent_lowpass takes a coefficient count or 'none', got {value!r}") \
+            from None
 
 
 def lowpass_stage(value: str) -> tuple[int, int]:
