@@ -23,6 +23,7 @@ from uae_gen.demo import (
     HELDOUT_IMAGES,
     MIN_STEPS,
     NUM_CLASSES,
+    PLAN_MARGIN,
     SHRINK_LEVELS,
     TRAIN_IMAGES,
     MachineRates,
@@ -35,23 +36,23 @@ from uae_gen.demo import (
 
 # The machine FULL_BUDGET_STEPS were chosen on (2 cores, AVX-512 with native bf16), as the rates `uae-gen demo`
 # measured there (metrics.json "rates" of a default run, seed 0), and the phases that run then took with the steps
-# it planned (metrics.json "wall_time" and "steps": start-up and calibration 22 s).
-FAST = MachineRates(teacher_step=0.045, judge_step=0.085, tokenizer_step=0.0346, dit_step=0.0709,
-                    dit_forward=0.00052, encode=0.00016, decode=0.00028, load_split=1.09, script_start=7.95)
-FAST_RUN_STEPS = {"teacher": 1957, "judge": 150, "samples_per_class": 18, "inference_steps": 20, "tokenizer_1": 713,
-                  "tokenizer_2": 357, "tokenizer_3": 89, "dit": 5941}
-FAST_RUN_SECONDS = {"teacher": 96.8, "judge": 12.7, "tokenizer": 73.5, "cache": 8.0, "dit": 483.5, "sampling": 5.1,
-                    "scoring": 10.8}
+# it planned (metrics.json "wall_time" and "steps": start-up and calibration 24 s).
+FAST = MachineRates(teacher_step=0.0377, judge_step=0.0863, tokenizer_step=0.0464, dit_step=0.1022,
+                    dit_forward=0.0013, encode=0.00018, decode=0.00035, load_split=0.771, script_start=8.90)
+FAST_RUN_STEPS = {"teacher": 1946, "judge": 150, "samples_per_class": 17, "inference_steps": 20, "tokenizer_1": 800,
+                  "tokenizer_2": 400, "tokenizer_3": 100, "dit": 3906}
+FAST_RUN_SECONDS = {"teacher": 92.3, "judge": 11.7, "tokenizer": 90.7, "cache": 11.4, "dit": 477.3, "sampling": 10.4,
+                    "scoring": 11.9}
 SLOW = MachineRates(**{name: 2.2 * value for name, value in dataclasses.asdict(FAST).items()})
 FASTER = MachineRates(**{name: value / 2 for name, value in dataclasses.asdict(FAST).items()})
-FAST_ELAPSED, SLOW_ELAPSED = 22.0, 48.0  # the command's start-up and the calibration, before the plan
+FAST_ELAPSED, SLOW_ELAPSED = 24.0, 48.0  # the command's start-up and the calibration, before the plan
 
 
 def test_the_cost_model_reproduces_the_measured_phases():
     seconds = phase_seconds(FAST_RUN_STEPS, FAST)
     measured = FAST_RUN_SECONDS
     assert seconds["teacher"] == pytest.approx(measured["teacher"], rel=0.03)
-    assert seconds["judge"] == pytest.approx(measured["judge"], abs=1)
+    assert seconds["judge"] == pytest.approx(measured["judge"], abs=1.5)
     assert sum(seconds[f"tokenizer_{k}"] for k in (1, 2, 3)) == pytest.approx(measured["tokenizer"], rel=0.1)
     assert seconds["cache"] == pytest.approx(measured["cache"], abs=3)
     assert seconds["dit"] == pytest.approx(measured["dit"], rel=0.05)
@@ -66,10 +67,11 @@ def test_the_demo_data_sizes_the_plan_assumes():
 
 def test_plan_on_the_fast_machine_keeps_the_default_counts_within_its_budget():
     plan = plan_demo(12.0, FAST, FAST_ELAPSED)
-    assert plan.fits and plan.expected_s <= 12 * 60
+    assert plan.fits and plan.expected_s <= 12 * 60 * (1 - PLAN_MARGIN)  # a margin for the rates' variation
     assert plan.expected_s == pytest.approx(FAST_ELAPSED + sum(plan.seconds.values()))
-    # the measured machine ran 5941 of the 6500 DiT steps at the default budget (the five scripts' start-ups cost it)
-    least = {"teacher": 0.95, "judge": 1.0, "dit": 0.85, "samples_per_class": 0.8, "inference_steps": 1.0,
+    # the measured machine ran 3906 of the 4500 DiT steps at the default budget (the five scripts' start-ups cost
+    # it; PLAN_MARGIN another ~130)
+    least = {"teacher": 0.95, "judge": 1.0, "dit": 0.8, "samples_per_class": 0.8, "inference_steps": 1.0,
              "tokenizer_1": 0.8, "tokenizer_2": 0.8, "tokenizer_3": 0.8}
     for name, full in FULL_BUDGET_STEPS.items():
         assert least[name] * full <= plan.steps[name] <= full, name
@@ -81,11 +83,11 @@ def test_plan_on_a_slower_machine_fits_and_protects_the_dit_and_the_teacher():
     plan = plan_demo(12.0, SLOW, SLOW_ELAPSED)
     assert plan.fits and plan.expected_s <= 12 * 60
     assert plan.expected_s > 11.5 * 60  # the budget is used, not left over
-    assert plan.steps["dit"] >= 0.28 * FULL_BUDGET_STEPS["dit"] and plan.steps["teacher"] >= 800
+    assert plan.steps["dit"] >= 0.24 * FULL_BUDGET_STEPS["dit"] and plan.steps["teacher"] >= 900
     assert plan.steps["judge"] == FULL_BUDGET_STEPS["judge"]  # the instrument keeps its steps
-    # what gave first: the tokenizer went down further, relative to its full counts, than the DiT and the teacher
+    # what gave first: the DiT went down further, relative to its full counts, than the tokenizer and the teacher
     share = {name: plan.steps[name] / FULL_BUDGET_STEPS[name] for name in ("tokenizer_1", "dit", "teacher")}
-    assert share["tokenizer_1"] < share["dit"] and share["tokenizer_1"] < share["teacher"]
+    assert share["dit"] < share["tokenizer_1"] and share["dit"] < share["teacher"]
 
 
 @pytest.mark.parametrize("rates, elapsed", [(FAST, FAST_ELAPSED), (SLOW, SLOW_ELAPSED)])
@@ -117,7 +119,11 @@ def test_shrink_levels_go_from_the_caps_to_the_minimum():
     assert shrunk_steps(caps, 0.0) == caps
     assert shrunk_steps(caps, float(len(SHRINK_LEVELS))) == MIN_STEPS
     knee = round(SHRINK_LEVELS[0]["dit"] * FULL_BUDGET_STEPS["dit"])
-    assert shrunk_steps(caps, 1.0)["dit"] == knee and shrunk_steps(caps, 2.0)["dit"] == knee
+    assert shrunk_steps(caps, 1.0)["dit"] == knee and shrunk_steps(caps, 0.5)["dit"] == (caps["dit"] + knee) / 2
+    # past the DiT's knee (level 2) the tokenizer still has every step; it halves in level 3
+    assert shrunk_steps(caps, 2.0)["dit"] == round(SHRINK_LEVELS[1]["dit"] * FULL_BUDGET_STEPS["dit"])
+    assert shrunk_steps(caps, 2.0)["tokenizer_1"] == caps["tokenizer_1"]
+    assert shrunk_steps(caps, 3.0)["tokenizer_1"] == round(SHRINK_LEVELS[2]["tokenizer"] * caps["tokenizer_1"])
     previous = caps
     for level in [k / 4 for k in range(1, 4 * len(SHRINK_LEVELS) + 1)]:
         counts = shrunk_steps(caps, level)
@@ -291,6 +297,7 @@ def test_minimal_demo_writes_every_output(tmp_path, monkeypatch, capsys):
     dit = json.loads((out / "work" / "dit" / "training_summary.json").read_text())
     assert dit["global_step"] == metrics["steps"]["dit"]
     assert dit["args"]["mixed_precision"] == metrics["dit_mixed_precision"]
+    assert (dit["args"]["frequency_tokens"], dit["args"]["coefficients_per_token"]) == (True, 2)  # DIT_FLAGS
 
     for name in ("samples.png", "bands.png", "reconstructions.png"):
         with Image.open(out / name) as image:
@@ -300,3 +307,5 @@ def test_minimal_demo_writes_every_output(tmp_path, monkeypatch, capsys):
     images = pipe(class_labels=[0, 9], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                   output_type="np").images
     assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+    # the demo's DiT: 32 frequency tokens, two of the 64 zig-zag coefficients per channel each
+    assert (pipe.transformer.config.frequency_tokens, pipe.transformer.config.coefficients_per_token) == (64, 2)

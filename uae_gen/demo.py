@@ -61,11 +61,17 @@ from .training import read_preset, save_image_grid, write_json
 
 DEFAULT_MINUTES = 12.0
 # Step counts at the default budget, chosen on a 2-core AVX-512 machine with native bf16, where a default run planned
-# (with the scripts' start-up, ~9 s each, on top) teacher 1957, tokenizer 713 / 357 / 89, DiT 5941 steps and took
-# teacher 97 s, judge 13 s, tokenizer 74 s (a stage-3 step with its discriminator costs ~4x a stage-1 step, hence
-# fewer steps), DiT-mini 484 s (dit_tiny's 16 frequency tokens: 0.071 s/step), sampling 5 s, scoring 11 s. They
-# are the plan's caps (scaled up linearly above the default budget): the demo never runs more steps than these.
-FULL_BUDGET_STEPS = {**SHARED_STEPS, "tokenizer_1": 800, "tokenizer_2": 400, "tokenizer_3": 100, "dit": 6500}
+# (with the scripts' start-up, ~9 s each, on top) teacher 1946, tokenizer 800 / 400 / 100, DiT 3906 steps and took
+# teacher 92 s, judge 12 s, tokenizer 91 s (a stage-3 step with its discriminator costs ~4x a stage-1 step, hence
+# fewer steps), DiT-mini 477 s (32 frequency tokens, DIT_FLAGS: 0.102 s/step timed in-process), sampling 10 s,
+# scoring 12 s. They are the plan's caps (scaled up linearly above the default budget): the demo never runs more
+# steps than these.
+FULL_BUDGET_STEPS = {**SHARED_STEPS, "tokenizer_1": 800, "tokenizer_2": 400, "tokenizer_3": 100, "dit": 4500}
+# The demo's DiT: dit_tiny's frequency tokens with two zig-zag coefficients per token (32 tokens) instead of four.
+# The demo samples at CFG 7, where two per token are the more accurate at equal training time (eval/ablation.py,
+# 3 seeds, 2044 vs 2878 steps: judge accuracy 0.928 vs 0.875; at CFG 3 the two are level, 0.850 vs 0.858); in the
+# demo under the AVX2 emulation 2955 such steps reached 0.918 where 4939 steps of four per token reached 0.871.
+DIT_FLAGS = ("--coefficients_per_token", 2)
 MIN_STEPS = {**SHARED_MIN_STEPS, "tokenizer_1": 2, "tokenizer_2": 2, "tokenizer_3": 2}
 
 # ---- the plan: what the phases cost on this machine, and how they shrink to fit the budget ------------------
@@ -73,18 +79,22 @@ MIN_STEPS = {**SHARED_MIN_STEPS, "tokenizer_1": 2, "tokenizer_2": 2, "tokenizer_
 # How a budget too short for the caps is met: level by level, each count moves linearly from its value at the
 # end of the previous level (level 0: the cap) to the fraction of its FULL_BUDGET_STEPS given here (None: its
 # MIN_STEPS), all counts of a level together; the plan is the lowest level that fits.
-# 1. Trim towards the knee of each quality curve. DiT-mini on frequency tokens (eval/ablation.py, 3 seeds, CFG 3):
-#    judge accuracy 0.35 / 0.71 / 0.80 / 0.86 at 720 / 1440 / 2160 / 2880 steps (0.875 at CFG 7), and 0.906 at 5941
-#    steps (the demo, CFG 7), so 60% keeps most of it. The teacher is still learning at the cap
-#    (held-out accuracy 0.63 at 1000 steps, 0.93 at 2000) and gives 10%; the tokenizer and the number of samples
-#    give half. The judge is the instrument that reads the result (held-out accuracy 0.50 / 0.92 / 0.97 at
-#    50 / 100 / 150 steps) and keeps its steps, as does the sampler (sampling is cheap next to training).
-# 2. The tokenizer gives more (its cost is mostly the scripts' start-up); the DiT and the teacher keep their knee.
-# 3. The DiT, the teacher and the tokenizer go down to their minimum together.
-# 4. The judge and the sampling too: the budget is then too short for a result worth reading.
+# 1. Trim towards the knee of each quality curve. DiT-mini on 32 frequency tokens (eval/ablation.py, 3 seeds, CFG 3):
+#    judge accuracy 0.24 / 0.69 / 0.82 / 0.85 at 511 / 1022 / 1533 / 2044 steps (0.928 at CFG 7), so 60% of the
+#    cap keeps most of it. The teacher is still learning at the cap (held-out accuracy 0.63 at 1000 steps, 0.93
+#    at 2000) and gives 10%; the number of samples gives half. The tokenizer keeps its steps: its cost is mostly
+#    the scripts' start-up (the caps cost ~20 s more than half of them) and the caps buy PSNR (29.4 dB; 27.6 dB at
+#    551 / 276 / 69 steps). The judge is the instrument that reads the result (held-out accuracy 0.50 / 0.92 / 0.97
+#    at 50 / 100 / 150 steps) and keeps its steps, as does the sampler (sampling is cheap next to training).
+# 2. The DiT goes below its knee, to 40% of its cap; the tokenizer still keeps its steps: halving them costs 2.4 dB
+#    of PSNR (27.0 dB at 513 / 257 / 64 steps) and saves what ~150 DiT steps cost (5% of the DiT's steps).
+# 3. The DiT, the teacher and the tokenizer halve (the DiT to a quarter of its cap).
+# 4. They go down to their minimum together.
+# 5. The judge and the sampling too: the budget is then too short for a result worth reading.
 SHRINK_LEVELS = (
-    {"teacher": 0.9, "judge": 1.0, "tokenizer": 0.5, "dit": 0.6, "samples_per_class": 0.5, "inference_steps": 1.0},
-    {"teacher": 0.9, "judge": 1.0, "tokenizer": 0.25, "dit": 0.6, "samples_per_class": 0.5, "inference_steps": 1.0},
+    {"teacher": 0.9, "judge": 1.0, "tokenizer": 1.0, "dit": 0.6, "samples_per_class": 0.5, "inference_steps": 1.0},
+    {"teacher": 0.9, "judge": 1.0, "tokenizer": 1.0, "dit": 0.4, "samples_per_class": 0.5, "inference_steps": 1.0},
+    {"teacher": 0.5, "judge": 1.0, "tokenizer": 0.5, "dit": 0.25, "samples_per_class": 0.5, "inference_steps": 1.0},
     {"teacher": None, "judge": 1.0, "tokenizer": None, "dit": None, "samples_per_class": 0.5,
      "inference_steps": 1.0},
     {"teacher": None, "judge": None, "tokenizer": None, "dit": None, "samples_per_class": None,
@@ -99,13 +109,15 @@ PHASE_STEPS = {"teacher": ("teacher",), "judge": ("judge",), "tokenizer_1": ("to
 # set-up) and these allowances, measured on the machine FULL_BUDGET_STEPS were chosen on and scaled by how much
 # slower this machine's teacher step is than REFERENCE_TEACHER_STEP there.
 NUM_CLASSES, TRAIN_IMAGES, HELDOUT_IMAGES = 10, 1437, 360  # the demo digits' splits
-REFERENCE_TEACHER_STEP = 0.045
+REFERENCE_TEACHER_STEP = 0.038
 TOKENIZER_STAGE_COST = {1: 0.6, 2: 1.0, 3: 2.4}  # a step of each stage in stage-2 steps (frozen encoder; GAN)
 LAUNCH_START_FACTOR = 1.15  # accelerate launch starts its own interpreter (torch, accelerate) before the script's
 SCRIPT_SETUP_S = 1.0  # a script's set-up inside main(): accelerator, models, data loader; and its saving
 PIPELINE_IO_S = 1.0  # loading the DiT's pipeline and saving it to out_dir
 DIT_SCRIPT_STEP_FACTOR = 1.15  # a train_dit step (data loading, EMA, logging) over the in-process timed step
-SCORING_FIXED_S = 8.0  # scoring besides the forward passes: three logistic-regression probes, two FIDs, grids
+TEACHER_PHASE_STEP_FACTOR = 1.15  # a teacher step of the 2000-step phase over the calibration's (1.14-1.15 measured)
+SCORING_FIXED_S = 11.0  # scoring besides the forward passes: three logistic-regression probes, two FIDs, grids
+PLAN_MARGIN = 0.02  # of the budget left unplanned: a phase's rate varies by a few percent from its calibration
 TOKENIZER_PRESET, DIT_PRESET = read_preset("tiny", "tokenizer_"), read_preset("tiny", "dit_")
 NUM_BANDS = UAE_PRESETS[TOKENIZER_PRESET["model_preset"]].get("num_bands", 4)  # 4: AutoencoderUAE's default
 
@@ -128,7 +140,8 @@ def phase_seconds(steps: dict[str, int], rates: MachineRates) -> dict[str, float
     dit_validation = DIT_PRESET["num_validation_images"] * (
         2 * DIT_PRESET["validation_num_inference_steps"] * rates.dit_forward + rates.decode)
     samples = NUM_CLASSES * steps["samples_per_class"]
-    seconds = {"teacher": steps["teacher"] * rates.teacher_step + (TEACHER_APPEARANCES - 1) * rates.load_split,
+    seconds = {"teacher": (steps["teacher"] * rates.teacher_step * TEACHER_PHASE_STEP_FACTOR
+                           + (TEACHER_APPEARANCES - 1) * rates.load_split),
                "judge": steps["judge"] * rates.judge_step}
     for stage, cost in TOKENIZER_STAGE_COST.items():
         seconds[f"tokenizer_{stage}"] = (launch + 2 * rates.load_split + tokenizer_validation
@@ -211,7 +224,8 @@ def plan_demo(minutes: float, rates: MachineRates, elapsed: float = 0.0, finishe
     """The step counts for a run of `minutes` in all on a machine of `rates`, `elapsed` seconds of it spent.
 
     Every count starts at its cap (step_counts(max(minutes, DEFAULT_MINUTES))) and the counts shrink together,
-    level by level (SHRINK_LEVELS), to the least shrinking whose expected total (phase_seconds) fits the budget.
+    level by level (SHRINK_LEVELS), to the least shrinking whose expected total (phase_seconds) fits the budget
+    less PLAN_MARGIN.
     `finished` names the phases (PHASE_STEPS) already run, whose time is in `elapsed`, and `done_steps` their
     counts: only the other phases are planned, so a plan redone later gives the time left to the phases to come."""
     check_minutes(minutes)
@@ -226,7 +240,7 @@ def plan_demo(minutes: float, rates: MachineRates, elapsed: float = 0.0, finishe
         seconds = {phase: value for phase, value in phase_seconds(steps, rates).items() if phase not in finished}
         return steps, seconds
 
-    available = minutes * 60 - elapsed
+    available = minutes * 60 * (1 - PLAN_MARGIN) - elapsed
     low, high = 0.0, float(len(SHRINK_LEVELS))
     if sum(plan_at(low)[1].values()) > available:
         for _ in range(40):  # bisection on a monotone total: counts never grow with the level
@@ -294,7 +308,7 @@ def run_demo(out_dir: str = "uae_gen_demo", minutes: float = DEFAULT_MINUTES, se
     train = load_demo_digits("train", seed=seed)
     load_started = time.perf_counter()  # the second rendering: the first one also loads the digits and photos
     heldout = load_demo_digits("heldout", seed=seed)
-    rates = measure_rates(train, (time.perf_counter() - load_started) * len(train) / len(heldout), seed)
+    rates = measure_rates(train, (time.perf_counter() - load_started) * len(train) / len(heldout), seed, DIT_FLAGS)
     timer.lap("calibration_s")
     plan = plan_demo(minutes, rates, time.time() - started)
     print(f"uae-gen demo: {minutes:g} min budget; {rates_text(rates)}\n{plan.table()}", flush=True)
@@ -316,7 +330,7 @@ def run_demo(out_dir: str = "uae_gen_demo", minutes: float = DEFAULT_MINUTES, se
     finished = ("teacher", "judge", "tokenizer_1", "tokenizer_2", "tokenizer_3", "cache")
     replans["dit"] = replan(minutes, observed, started, finished, steps)
     steps.update(replans["dit"].steps)
-    pipe = train_dit(cache_dir, work / "dit", steps["dit"], seed)
+    pipe = train_dit(cache_dir, work / "dit", steps["dit"], seed, DIT_FLAGS)
     save_pipeline(pipe, str(out / "pipeline"))  # temp folder, readable, renamed into place
     timer.lap("dit_s")
 

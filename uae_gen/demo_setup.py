@@ -252,7 +252,7 @@ def train_teacher_and_judge(work: Path, steps: dict, seed: int, timer: PhaseTime
 
 # ---- what the work costs on this machine --------------------------------------------------------------------
 
-CALIBRATION_STEPS = 4  # timed steps of each model, after one untimed warm-up step
+CALIBRATION_STEPS = 8  # timed steps of each model, after one untimed warm-up step
 # Latents per timed DiT forward: the sampler runs all samples and their unconditional twins as one batch (100 x 2 at
 # half the default sample count), and a latent costs more in a large batch than in a small one.
 SAMPLING_BATCH = 128
@@ -292,10 +292,11 @@ def script_start_seconds(module: str = f"{SCRIPTS}.train_dit") -> float:
     return time.perf_counter() - start
 
 
-def measure_rates(train, load_split_seconds: float, seed: int) -> MachineRates:
+def measure_rates(train, load_split_seconds: float, seed: int, dit_flags: tuple = ()) -> MachineRates:
     """Time a few steps of each model the demo trains, built as the demo and the scripts build them (presets,
-    batch sizes, the DiT's mixed precision, fused AdamW, clipping, EMA), and a script's start-up. `train` is the
-    training split, whose rendering took `load_split_seconds`. Leaves the global RNG as it found it."""
+    batch sizes, the DiT's mixed precision, fused AdamW, clipping, EMA; `dit_flags`: train_dit flags given on top
+    of its preset), and a script's start-up. `train` is the training split, whose rendering took
+    `load_split_seconds`. Leaves the global RNG as it found it."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         rates = {"load_split": load_split_seconds, "script_start": script_start_seconds()}
@@ -306,7 +307,7 @@ def measure_rates(train, load_split_seconds: float, seed: int) -> MachineRates:
                              description=f"timing the {name}")
             rates[f"{name}_step"] = (time.perf_counter() - start) / CALIBRATION_STEPS
         rates.update(tokenizer_rates(train))
-        rates.update(dit_rates(train.num_classes))
+        rates.update(dit_rates(train.num_classes, dit_flags))
     return MachineRates(**rates)
 
 
@@ -343,12 +344,13 @@ def tokenizer_rates(train) -> dict[str, float]:
     return rates
 
 
-def dit_rates(num_classes: int) -> dict[str, float]:
+def dit_rates(num_classes: int, flags: tuple = ()) -> dict[str, float]:
     """A training step of DIT_MODEL on the tiny tokenizer's latent as train_dit runs it (the dit_tiny preset's
-    transformer, band schedule and noise, built by the script's own functions; batch, LR, betas, clipping, EMA;
-    bf16 autocast where dit_mixed_precision() says so), and one latent through the eval model in fp32, as the
-    pipeline samples."""
-    args = train_dit_script.parse_args(["--config", "dit_tiny", "--model", DIT_MODEL, "--latent_cache", "unread"])
+    transformer, band schedule and noise with `flags` on top, built by the script's own functions; batch, LR,
+    betas, clipping, EMA; bf16 autocast where dit_mixed_precision() says so), and one latent through the eval model
+    in fp32, as the pipeline samples."""
+    args = train_dit_script.parse_args(["--config", "dit_tiny", "--model", DIT_MODEL, "--latent_cache", "unread",
+                                        *(str(flag) for flag in flags)])
     vae = AutoencoderUAE.from_preset("tiny")  # the latent's shape and bands
     channels, (height, width) = vae.latent_channels, vae.latent_size
     schedule = train_dit_script.make_flow_scheduler(args, vae).band_schedule
