@@ -79,7 +79,7 @@ def test_plan_on_the_fast_machine_keeps_the_default_counts_within_its_budget():
     assert plan_demo(12.0, FASTER, FAST_ELAPSED).steps == FULL_BUDGET_STEPS
 
 
-def test_plan_on_a_slower_machine_fits_and_protects_the_dit_and_the_teacher():
+def test_plan_on_a_slower_machine_fits_and_protects_the_tokenizer_and_the_teacher():
     plan = plan_demo(12.0, SLOW, SLOW_ELAPSED)
     assert plan.fits and plan.expected_s <= 12 * 60
     assert plan.expected_s > 11.5 * 60  # the budget is used, not left over
