@@ -7,7 +7,8 @@ Noise (B, C, h, w) -> the UAEDiT velocity integrated from t=1 (noise) to t~0 (da
 (Euler, Heun or RK4), with classifier-free guidance (one forward on the doubled batch, inside a guidance interval)
 or AutoGuidance against an optional weaker ``guide_transformer`` -> ``vae.decode`` -> images. A model trained
 with the band-progressive schedule fixes the low frequencies first; ``return_band_previews=True`` also decodes
-the cumulative bands (band 0, bands 0..1, ...) of the final latent to show that structure.
+the cumulative bands (band 0, bands 0..1, ...) of the final latent, and the clean latent the sampler predicts at a
+few steps along the way, which shows the low bands settling before the high ones.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from uae_gen.models.dit import UAEDiT
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 GUIDANCE_MODES = ("cfg", "autoguidance")
+NUM_STEP_PREVIEWS = 5  # evenly spaced steps, the last one included
 
 
 def imagenet_id2label() -> dict[int, str]:
@@ -42,9 +44,13 @@ def imagenet_id2label() -> dict[int, str]:
 
 @dataclass
 class UAEDiTPipelineOutput(ImagePipelineOutput):
-    """images as in ``ImagePipelineOutput``; band_previews[k] holds the decode of bands 0..k (same type)."""
+    """images as in ``ImagePipelineOutput``; band_previews[k] holds the decode of bands 0..k of the final latent,
+    step_previews[j] the decode of the clean latent predicted at the step ending at time step_preview_times[j]
+    (same type)."""
 
     band_previews: Optional[list] = None
+    step_previews: Optional[list] = None
+    step_preview_times: Optional[list] = None
 
 
 class UAEDiTPipeline(DiffusionPipeline):
@@ -205,6 +211,28 @@ class UAEDiTPipeline(DiffusionPipeline):
         steps_guided = ((grid[:-1] >= lo) & (grid[1:] <= hi)).tolist()
         return [guided if step_guided else unguided for step_guided in steps_guided]
 
+    def prepare_step_previews(self) -> dict[int, tuple]:
+        """Step index -> (c (K,), the time the step ends at) for NUM_STEP_PREVIEWS evenly spaced steps. The clean
+        latent the step from x (band times t_k) to x' (t'_k) points at is x + sum_k c_k band_k(x' - x) with
+        c_k = t_k / (t_k - t'_k): the step's velocity extrapolated to t_k = 0 (c_k = 0 for a band that does not move
+        in that step). Computed on the host before the loop, like the guidance."""
+        grid = self.scheduler.time_grid.cpu().double()
+        steps = len(grid) - 1
+        chosen = sorted({round(j * (steps - 1) / max(NUM_STEP_PREVIEWS - 1, 1)) for j in range(NUM_STEP_PREVIEWS)})
+        times = self.scheduler.band_schedule.band_times(grid)  # (steps + 1, K)
+        coefficients = {}
+        for i in chosen:
+            moved = times[i] - times[i + 1]
+            c = torch.where(moved != 0, times[i] / moved.where(moved != 0, 1.0), 0.0)
+            coefficients[i] = (c.float(), float(grid[i + 1]))
+        return coefficients
+
+    def predict_clean(self, before, after, coefficients) -> torch.Tensor:
+        """The clean latent of one step (see ``prepare_step_previews``)."""
+        bands = self.vae.split_bands(after - before)  # (B, K, ...): the bands the schedule runs on
+        weights = coefficients.to(bands.device, bands.dtype).reshape(1, -1, *([1] * (bands.ndim - 2)))
+        return before + (weights * bands).sum(1)
+
     def decode_latents(self, latents, output_type, return_band_previews):
         """Final latent -> (images, band previews or None) of ``output_type``."""
         latents = self._lowpass(latents)  # a spatial model's velocity may leave the frequency-limited subspace
@@ -284,7 +312,8 @@ class UAEDiTPipeline(DiffusionPipeline):
                 the latents the loop continues from.
             callback_on_step_end_tensor_inputs: the tensors put in ``callback_kwargs``; ``_callback_tensor_inputs``
                 lists the allowed ones.
-            return_band_previews: also decode cumulative bands of the final latent.
+            return_band_previews: also decode cumulative bands of the final latent and the clean latent predicted
+                at NUM_STEP_PREVIEWS evenly spaced steps.
         Returns:
             ``UAEDiTPipelineOutput`` (an ``ImagePipelineOutput``), or a tuple when ``return_dict=False``.
         """
@@ -298,19 +327,28 @@ class UAEDiTPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         velocity_fns = self.prepare_velocity_fns(labels, guidance_scale, guidance_interval, guidance)
 
+        preview_steps = self.prepare_step_previews() if return_band_previews else {}
+        predicted = []
+
         self.scheduler.set_begin_index(0)  # count the steps: no per-step timestep lookup on the host
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            before = latents
             latents = self.scheduler.solver_step(velocity_fns[i], t, latents).prev_sample
+            if i in preview_steps:
+                predicted.append(self.predict_clean(before, latents, preview_steps[i][0]))
             if callback_on_step_end is not None:
                 step_tensors = {"latents": latents}
                 callback_kwargs = {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs}
                 latents = callback_on_step_end(self, i, t, callback_kwargs).pop("latents", latents)
 
         images, previews = self.decode_latents(latents, output_type, return_band_previews)
+        step_previews = [self.decode_latents(x, output_type, False)[0] for x in predicted] or None
+        step_times = [time for _, time in preview_steps.values()] or None
         self.maybe_free_model_hooks()
         if not return_dict:
-            return (images, previews) if return_band_previews else (images,)
-        return UAEDiTPipelineOutput(images=images, band_previews=previews)
+            return (images, previews, step_previews, step_times) if return_band_previews else (images,)
+        return UAEDiTPipelineOutput(images=images, band_previews=previews, step_previews=step_previews,
+                                    step_preview_times=step_times)
 
 
 def _is_finite_number(value) -> bool:

@@ -80,6 +80,36 @@ def test_band_previews_end_with_the_full_image(pipe):
     assert not torch.allclose(out.band_previews[0], out.images, atol=1e-3)
 
 
+def test_step_previews_decode_the_clean_latent_each_step_points_at():
+    """One clock, Euler: the preview after step i decodes x_i - t_i v(x_i, t_i), v the transformer's velocity."""
+    pipe = tiny_pipeline()
+    pipe.register_modules(scheduler=FlowMatchBandScheduler(latent_dim=64 * 8 * 8, num_bands=4, solver="euler"))
+    states = [pipe.prepare_latents(2, "cpu", seeded())]
+    out = pipe(class_labels=[5, 9], num_inference_steps=8, generator=seeded(), output_type="pt",
+               return_band_previews=True, callback_on_step_end=lambda p, i, t, kw: states.append(kw["latents"]) or kw)
+    grid = pipe.scheduler.time_grid
+    shown = [0, 2, 4, 5, 7]  # NUM_STEP_PREVIEWS = 5 evenly spaced steps of 8, the last included
+    assert out.step_preview_times == pytest.approx([grid[i + 1].item() for i in shown])
+    labels = torch.tensor([5, 9])
+    for preview, i in zip(out.step_previews, shown, strict=True):
+        t = grid[i].expand(2)
+        with torch.no_grad():
+            clean = states[i] - grid[i] * pipe.transformer(states[i], t, labels).sample
+            expected = (pipe.vae.decode(clean).sample / 2 + 0.5).clamp(0, 1)
+        assert torch.allclose(preview, expected, atol=1e-4)
+    assert torch.allclose(out.step_previews[-1], out.images, atol=2e-2)  # the last step ends at t ~ 0
+
+
+def test_step_previews_of_staggered_band_clocks(pipe):
+    """Compressed band clocks (the fixture's): one finite preview per step of 3, times falling; tuple output too."""
+    out = pipe(class_labels=[1], num_inference_steps=3, generator=seeded(), output_type="pt", return_band_previews=True)
+    assert len(out.step_previews) == 3 and out.step_preview_times == sorted(out.step_preview_times, reverse=True)
+    assert all(p.shape == out.images.shape and p.isfinite().all() for p in out.step_previews)
+    images, bands, steps, times = pipe(class_labels=[1], num_inference_steps=3, generator=seeded(), output_type="pt",
+                                       return_band_previews=True, return_dict=False)
+    assert torch.equal(steps[-1], out.step_previews[-1]) and times == out.step_preview_times
+
+
 def test_cfg_scale_one_is_conditional_and_guidance_changes_samples(pipe):
     kwargs = dict(class_labels=[7], num_inference_steps=3, output_type="latent")
     plain = pipe(**kwargs, generator=seeded()).images
