@@ -25,8 +25,9 @@ makes a step about 8x the cost of a stage-1 step on the CPU.
 Generation ("gen", on row d's latent or --latent_cache): uniform flow matching against low-to-high generators
 (GENERATION_ROWS: compressed or shifted band clocks, the frequency-limited latent, frequency tokens), each trained
 for the same wall-clock time (uniform's steps x the step-time ratio, timed side by side in this process) for every
-seed of --generation_seeds, checkpointed every quarter; each picks its CFG scale on GUIDANCE_GRID, then is scored at
-every NFE of NFE_GRID and at every checkpoint (generation.png: the curves).
+seed of --generation_seeds, checkpointed every quarter; each picks its CFG scale and guidance interval on GUIDANCE_GRID,
+then is scored at every NFE of NFE_GRID and at every checkpoint (generation.png: the curves). A rerun in the same
+--out_dir reuses the generators trained there (work/generation_steps.json keeps their budgets) and scores them anew.
 
     python eval/ablation.py --rows gen --latent_cache uae_gen_demo/work/latents --generation_seeds 0 1 2 \
         --generation_rows uniform freq64x2 freq64x4
@@ -37,6 +38,7 @@ setting and step count), reconstructions.png (held-out originals, then each row'
 """
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -65,9 +67,12 @@ MIN_STEPS = {**shared.SHARED_MIN_STEPS, "tokenizer": 2}
 PROGRESSIVE_STAGGER = 0.5
 FINAL_FID_RATIO, QUARTER_FID_RATIO = 0.8, 0.6  # "beats uniform": judge-FID at the end / at 1/4 of the budget
 SHIFTED_STAGGER = 0.3  # SFD's best offset (FID 3.03 vs 5.24 at 0 and 5.41 at 1.0)
-# Generation scoring: each row's CFG scale is picked on GUIDANCE_GRID at REFERENCE_NFE (lowest judge-FID, mean over
-# seeds), then scored at every NFE and at the checkpoint after each quarter of the training budget.
-GUIDANCE_GRID = (3.0, 7.0)
+# Generation scoring: each row's CFG scale and guidance interval (shifted time, 1 = noise) are picked on GUIDANCE_GRID
+# at REFERENCE_NFE (lowest judge-FID, mean over seeds), then scored at every NFE and at the checkpoint after each
+# quarter of the training budget.
+GUIDANCE_SCALES = (1.5, 2.0, 3.0, 4.5)
+GUIDANCE_INTERVALS = ((0.0, 1.0), (0.2, 0.85))
+GUIDANCE_GRID = tuple(itertools.product(GUIDANCE_SCALES, GUIDANCE_INTERVALS))  # (scale, interval)
 NFE_GRID = (10, 25, 50)
 REFERENCE_NFE = 25
 CHECKPOINT_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -289,11 +294,34 @@ def dit_step_seconds(rows: list[GenerationRow], latent_cache: Path, num_classes:
     return {key: statistics.median(times[1:]) for key, times in seconds.items()}  # the first step warms up
 
 
-def score_samples(pipe, judge, heldout_features, num_classes: int, per_class: int, nfe: int, guidance_scale: float,
+def generation_step_seconds(out: Path, rows: list[GenerationRow], latent_cache: Path,
+                            num_classes: int) -> dict[str, float]:
+    """Each row's training-step seconds, timed once per study directory and kept in work/generation_steps.json: a
+    rerun in the same --out_dir keeps the equal-time budgets, so it reuses the generators trained to them (and
+    rescores them with the script's current settings); rows not timed yet are timed with the rest."""
+    path = out / "work" / "generation_steps.json"
+    seconds = json.loads(path.read_text()) if path.is_file() else {}
+    if any(row.key not in seconds for row in rows):
+        seconds = dit_step_seconds(rows, latent_cache, num_classes)
+        write_json(str(path), seconds)
+    return {row.key: seconds[row.key] for row in rows}
+
+
+def is_trained(dit_dir: Path, steps: int, seed: int) -> bool:
+    """Whether `dit_dir` holds a finished train_dit run of `steps` steps with `seed` (reused by a rerun)."""
+    if not (dit_dir / "training_summary.json").is_file():
+        return False
+    summary = shared.read_summary(dit_dir)
+    return summary["global_step"] == steps and summary["args"]["seed"] == seed
+
+
+def score_samples(pipe, judge, heldout_features, num_classes: int, per_class: int, nfe: int, guidance: tuple,
                   seed: int) -> tuple[dict, torch.Tensor]:
-    """Judge accuracy, judge-FID and sampling ms per image of `pipe`'s samples, and one sample per class."""
+    """Judge accuracy, judge-FID and sampling ms per image of `pipe`'s samples at guidance (scale, interval), and one
+    sample per class."""
     started = time.perf_counter()
-    images, labels, _ = shared.generate(pipe, num_classes, per_class, nfe, seed, guidance_scale)
+    scale, interval = guidance
+    images, labels, _ = shared.generate(pipe, num_classes, per_class, nfe, seed, scale, interval, previews=False)
     ms = (time.perf_counter() - started) * 1000 / len(images)
     return {
         "judge_accuracy": accuracy(predict(judge, images), labels),
@@ -305,11 +333,12 @@ def score_samples(pipe, judge, heldout_features, num_classes: int, per_class: in
 def generation_rows(out: Path, latent_cache: Path, keys: list[str], steps: dict, seeds: list[int], num_classes: int,
                     judge, heldout_features) -> tuple[list[dict], torch.Tensor]:
     """Train every row's DiT for each seed with an equal training-time budget (uniform's steps x the in-process
-    step-time ratio), checkpointed every quarter; score every run at NFE 25 over GUIDANCE_GRID, pick each row's
-    scale (lowest judge-FID, mean over seeds), then score that scale at every NFE of NFE_GRID and at every
-    checkpoint. Returns the rows and one sample per class of each (first seed, final, NFE 25)."""
+    step-time ratio), checkpointed every quarter (a run already in `out` with its budget is reused); score every
+    run at NFE 25 over GUIDANCE_GRID, pick each row's guidance (lowest judge-FID, mean over seeds), then score it at
+    every NFE of NFE_GRID and at every checkpoint. Returns the rows and one sample per class of each (first seed,
+    final, NFE 25)."""
     rows = [GENERATION_BY_KEY[key] for key in keys]
-    step_seconds = dit_step_seconds(rows, latent_cache, num_classes)
+    step_seconds = generation_step_seconds(out, rows, latent_cache, num_classes)
     uniform_seconds = step_seconds["uniform"]
     per_class, results, samples = steps["samples_per_class"], [], []
     for row in rows:
@@ -323,38 +352,43 @@ def generation_rows(out: Path, latent_cache: Path, keys: list[str], steps: dict,
                   "train_step_ratio": step_seconds[row.key] / uniform_seconds, "runs": []}
         for seed in seeds:
             dit_dir = out / "work" / f"dit-{row.key}-s{seed}"
-            shared.train_dit(latent_cache, dit_dir, n, seed, flags=row.flags, checkpointing_steps=every)
+            if not is_trained(dit_dir, n, seed):
+                shared.train_dit(latent_cache, dit_dir, n, seed, flags=row.flags, checkpointing_steps=every)
             record["runs"].append({"seed": seed, "dir": dit_dir.relative_to(out).as_posix(),
                                    "wall_s": round(shared.read_summary(dit_dir)["seconds"], 1), "scores": []})
         results.append(record)
 
-    def score(record, run, checkpoint, nfe, scale):
+    def score(record, run, checkpoint, nfe, guidance):
         pipe = UAEDiTPipeline.from_pretrained(out / run["dir"] / "pipeline")
         pipe.set_progress_bar_config(disable=True)
         if checkpoint != record["dit_steps"]:
             pipe.transformer = UAEDiT.from_pretrained(out / run["dir"] / f"checkpoint-{checkpoint}" / "transformer_ema")
-        scores, firsts = score_samples(pipe, judge, heldout_features, num_classes, per_class, nfe, scale, run["seed"])
-        run["scores"].append({"step": checkpoint, "nfe": nfe, "guidance_scale": scale, **scores})
+        scores, firsts = score_samples(pipe, judge, heldout_features, num_classes, per_class, nfe, guidance,
+                                       run["seed"])
+        scale, interval = guidance
+        run["scores"].append({"step": checkpoint, "nfe": nfe, "guidance_scale": scale,
+                              "guidance_interval": list(interval), **scores})
         return firsts
 
     for record in results:
-        shown = {}  # guidance scale -> the first seed's sample of each class
+        shown = {}  # guidance -> the first seed's sample of each class
         for run in record["runs"]:
-            for scale in GUIDANCE_GRID:
-                shown.setdefault(scale, score(record, run, record["dit_steps"], REFERENCE_NFE, scale))
-        grid = {scale: mean_score(record, record["dit_steps"], REFERENCE_NFE, scale, "judge_fid")[0]
-                for scale in GUIDANCE_GRID}
-        record["guidance_scale"] = scale = min(grid, key=grid.get)
-        samples.append(shown[scale])
+            for guidance in GUIDANCE_GRID:
+                shown.setdefault(guidance, score(record, run, record["dit_steps"], REFERENCE_NFE, guidance))
+        grid = {guidance: mean_score(record, record["dit_steps"], REFERENCE_NFE, guidance, "judge_fid")[0]
+                for guidance in GUIDANCE_GRID}
+        guidance = min(grid, key=grid.get)
+        record["guidance_scale"], record["guidance_interval"] = guidance[0], list(guidance[1])
+        samples.append(shown[guidance])
         for run in record["runs"]:
             for nfe in NFE_GRID:
                 if nfe != REFERENCE_NFE:
-                    score(record, run, record["dit_steps"], nfe, scale)
+                    score(record, run, record["dit_steps"], nfe, guidance)
             for checkpoint in record["checkpoint_steps"][:-1]:
-                score(record, run, checkpoint, REFERENCE_NFE, scale)
+                score(record, run, checkpoint, REFERENCE_NFE, guidance)
         settings = {f"nfe{nfe}": (record["dit_steps"], nfe) for nfe in NFE_GRID}
         settings["quarter"] = (record["checkpoint_steps"][0], REFERENCE_NFE)
-        record["summary"] = {name: {key: mean_score(record, step, nfe, scale, key) for key in SCORE_KEYS}
+        record["summary"] = {name: {key: mean_score(record, step, nfe, guidance, key) for key in SCORE_KEYS}
                              for name, (step, nfe) in settings.items()}
     uniform = results[0]["summary"]["nfe25"]["ms_per_sample"][0]
     for record in results:
@@ -365,10 +399,15 @@ def generation_rows(out: Path, latent_cache: Path, keys: list[str], steps: dict,
 SCORE_KEYS = ("judge_accuracy", "judge_fid", "ms_per_sample")
 
 
-def mean_score(record: dict, step: int, nfe: int, scale: float, key: str) -> tuple[float, float]:
+def guidance_of(record: dict) -> tuple:
+    """(CFG scale, guidance interval) of a generation row or of one of its scores."""
+    return record["guidance_scale"], tuple(record["guidance_interval"])
+
+
+def mean_score(record: dict, step: int, nfe: int, guidance: tuple, key: str) -> tuple[float, float]:
     """(mean, standard deviation over seeds) of one score of `record` at one setting."""
     values = [s[key] for run in record["runs"] for s in run["scores"]
-              if (s["step"], s["nfe"], s["guidance_scale"]) == (step, nfe, scale)]
+              if (s["step"], s["nfe"], guidance_of(s)) == (step, nfe, guidance)]
     return statistics.fmean(values), statistics.pstdev(values)
 
 
@@ -430,7 +469,9 @@ def run_ablation(out_dir: str = "uae_gen_ablation", minutes: float = DEFAULT_MIN
                      "rows": rows, "tokenizer_config": "tiny", "dit_config": "dit_tiny", "dit_model": shared.DIT_MODEL,
                      "generation_rows": list(generation_keys) if "gen" in rows else [],
                      "generation_seeds": generation_seeds, "latent_cache": latent_cache and str(latent_cache),
-                     "guidance_grid": list(GUIDANCE_GRID), "nfe_grid": list(NFE_GRID), "reference_nfe": REFERENCE_NFE,
+                     "guidance_scales": list(GUIDANCE_SCALES),
+                     "guidance_intervals": [list(interval) for interval in GUIDANCE_INTERVALS],
+                     "nfe_grid": list(NFE_GRID), "reference_nfe": REFERENCE_NFE,
                      "num_heldout": len(heldout), "num_train": len(train)},
         "steps": steps,
         "teacher": teacher_result,
@@ -531,11 +572,17 @@ def tokenizer_table(rows: list[dict]) -> list[str]:
     return _table(header, lines)
 
 
+def guidance_cell(row: dict) -> str:
+    """The CFG column: scale, and the interval of (shifted) time it applies in when that is not all of it."""
+    scale, (lo, hi) = guidance_of(row)
+    return f"{scale:g}" if (lo, hi) == (0.0, 1.0) else f"{scale:g} on [{lo:g}, {hi:g}]"
+
+
 def generation_table(rows: list[dict]) -> list[str]:
     header = ["generator", "DiT steps", "train ms/step (x uniform)", "CFG"] + [h for h, *_ in GENERATION_COLUMNS]
     header.append("ms/sample x uniform")
     lines = [[row["key"], row["dit_steps"], f"{row['train_step_ms']:.0f} ({row['train_step_ratio']:.2f})",
-              f"{row['guidance_scale']:g}"]
+              guidance_cell(row)]
              + ["{:{spec}} ± {:{spec}}".format(*row["summary"][setting][score], spec=spec)
                 for _, setting, score, spec in GENERATION_COLUMNS]
              + [f"{row['sample_ms_ratio']:.2f}"] for row in rows]
@@ -552,7 +599,7 @@ def save_generation_curves(rows: list[dict], path: Path) -> None:
 
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for row in rows:
-        scores = [mean_score(row, step, REFERENCE_NFE, row["guidance_scale"], key)
+        scores = [mean_score(row, step, REFERENCE_NFE, guidance_of(row), key)
                   for key in ("judge_accuracy", "judge_fid") for step in row["checkpoint_steps"]]
         half = len(row["checkpoint_steps"])
         for axis, points in zip(axes, (scores[:half], scores[half:])):
@@ -580,7 +627,8 @@ def markdown_report(result: dict) -> str:
         f"{steps['judge']}, tokenizer {steps['tokenizer']} per row "
         f"(encoder-tuning rows: {steps['tokenizer_stage1']} stage 1 + {steps['tokenizer_stage2']} stage 2), "
         f"{s['dit_model']}: the time of {steps['dit']} uniform steps per generator and seed, "
-        f"{steps['samples_per_class']} samples per class, NFE {s['nfe_grid']}, CFG from {s['guidance_grid']}.",
+        f"{steps['samples_per_class']} samples per class, NFE {s['nfe_grid']}, CFG scales {s['guidance_scales']} x "
+        f"intervals {s['guidance_intervals']}.",
         f"Teacher: held-out accuracy {result['teacher']['heldout_accuracy']:.3f}; probe on its latent "
         f"{result['teacher']['probe_top1']:.3f}, on band 0 of its K={FULL_UAE_BANDS} split "
         f"{result['teacher']['band0_probe_top1']:.3f}. Judge: held-out accuracy "
@@ -618,9 +666,10 @@ def markdown_report(result: dict) -> str:
           for row in result["generation_rows"]],
         "- Generation budget: each generator trains for uniform's steps x (uniform's step time / its step time), "
         "the step times measured round-robin in one process (the 'train ms/step' column). Each samples with the "
-        f"scheduler saved in its pipeline; its CFG scale is the one of {list(GUIDANCE_GRID)} with the lowest mean "
-        f"judge-FID at NFE {REFERENCE_NFE}. Cells: mean ± std over the seeds; 1/4 = the checkpoint after a quarter "
-        "of the budget, at NFE 25; ms/sample = the whole pipeline call (sampling and decoding) per image.",
+        f"scheduler saved in its pipeline; its CFG scale and guidance interval (in the sampler's shifted time, 1 = "
+        f"noise) are the pair of {list(GUIDANCE_SCALES)} x {[list(i) for i in GUIDANCE_INTERVALS]} with the lowest "
+        f"mean judge-FID at NFE {REFERENCE_NFE}. Cells: mean ± std over the seeds; 1/4 = the checkpoint after a "
+        "quarter of the budget, at NFE 25; ms/sample = the whole pipeline call (sampling and decoding) per image.",
         "- reconstructions.png: top row held-out originals (one per class), then one row per tokenizer row in the "
         "order " + ", ".join(result["reconstructions_png_rows"][1:]) + "; samples.png: one sample per class per "
         "generator (first seed, NFE 25).", "",

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import string
 from pathlib import Path
 
@@ -114,19 +115,21 @@ def test_every_row_present_with_finite_numbers_in_range(study):
         quarters = len(ablation.CHECKPOINT_FRACTIONS)
         target = max(ablation.MIN_STEPS["dit"], round(uniform["dit_steps"] / row["train_step_ratio"]))
         assert row["dit_steps"] % quarters == 0 and abs(row["dit_steps"] - target) <= quarters / 2
-        assert row["guidance_scale"] in ablation.GUIDANCE_GRID
+        guidance = ablation.guidance_of(row)
+        assert guidance in ablation.GUIDANCE_GRID
         (run,) = row["runs"]  # one seed
-        settings = [(score["step"], score["nfe"], score["guidance_scale"]) for score in run["scores"]]
-        final, scale = row["dit_steps"], row["guidance_scale"]
+        settings = [(score["step"], score["nfe"], ablation.guidance_of(score)) for score in run["scores"]]
+        final = row["dit_steps"]
         assert settings == [(final, ablation.REFERENCE_NFE, g) for g in ablation.GUIDANCE_GRID] + [
-            (final, nfe, scale) for nfe in ablation.NFE_GRID if nfe != ablation.REFERENCE_NFE] + [
-            (step, ablation.REFERENCE_NFE, scale) for step in row["checkpoint_steps"][:-1]]
+            (final, nfe, guidance) for nfe in ablation.NFE_GRID if nfe != ablation.REFERENCE_NFE] + [
+            (step, ablation.REFERENCE_NFE, guidance) for step in row["checkpoint_steps"][:-1]]
         for score in run["scores"]:
             assert 0 <= score["judge_accuracy"] <= 1 and math.isfinite(score["judge_fid"]) and score["ms_per_sample"] > 0
-        chosen = {g: next(s["judge_fid"] for s in run["scores"] if (s["step"], s["nfe"], s["guidance_scale"]) ==
+        chosen = {g: next(s["judge_fid"] for s in run["scores"] if (s["step"], s["nfe"], ablation.guidance_of(s)) ==
                           (final, ablation.REFERENCE_NFE, g)) for g in ablation.GUIDANCE_GRID}
-        assert chosen[scale] == min(chosen.values())  # the scale with the lowest judge-FID
-        nfe25 = next(s for s in run["scores"] if (s["step"], s["nfe"], s["guidance_scale"]) == (final, 25, scale))
+        assert chosen[guidance] == min(chosen.values())  # the scale and interval with the lowest judge-FID
+        nfe25 = next(s for s in run["scores"]
+                     if (s["step"], s["nfe"], ablation.guidance_of(s)) == (final, 25, guidance))
         assert row["summary"]["nfe25"]["judge_fid"] == [nfe25["judge_fid"], 0.0]  # one seed: std 0
         assert row["sample_ms_ratio"] == row["summary"]["nfe25"]["ms_per_sample"][0] / \
             uniform["summary"]["nfe25"]["ms_per_sample"][0]
@@ -153,7 +156,7 @@ def test_markdown_shows_the_json_numbers(study):
             assert cells[header] == format(row[key], spec), (cells["row"], header)
     for cells, row in zip(generation_table, result["generation_rows"], strict=True):
         assert cells["generator"] == row["key"] and cells["DiT steps"] == str(row["dit_steps"])
-        assert float(cells["CFG"]) == row["guidance_scale"]
+        assert cells["CFG"] == ablation.guidance_cell(row)
         for header, setting, score, spec in ablation.GENERATION_COLUMNS:
             mean, std = row["summary"][setting][score]
             assert cells[header] == f"{mean:{spec}} ± {std:{spec}}", header
@@ -240,6 +243,26 @@ def test_generators_are_trained_and_checkpointed_as_labelled(study):
                 transformer["coefficients_per_token"]) == expected[row["key"]]
         assert json.loads((run_dir / "pipeline" / "vae" / "config.json").read_text())["num_bands"] == 4  # d's
         assert sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*")) == row["checkpoint_steps"]
+
+
+def test_a_rerun_in_the_same_directory_rescores_without_retraining(study, tmp_path):
+    """The study's generators copied into a new --out_dir: a rerun keeps their budgets (work/generation_steps.json)
+    and their weights, trains no DiT and scores them anew; a changed budget retrains."""
+    out, _, result = study
+    shutil.copytree(out / "work", tmp_path / "work", ignore=shutil.ignore_patterns("latents-d", "d", "stage1-*"))
+    summaries = {row["key"]: (tmp_path / row["runs"][0]["dir"] / "training_summary.json").read_bytes()
+                 for row in result["generation_rows"]}
+    argv = ["--out_dir", str(tmp_path), "--minutes", str(MINUTES), "--seed", str(SEED), "--rows", "gen",
+            "--latent_cache", str(out / "work" / "latents-d"), "--generation_rows", *GENERATION_ROWS]
+    rerun = ablation.main(ablation.parse_args(argv))
+    for before, after in zip(result["generation_rows"], rerun["generation_rows"], strict=True):
+        assert after["dit_steps"] == before["dit_steps"] and after["train_step_ms"] == before["train_step_ms"]
+        assert (tmp_path / after["runs"][0]["dir"] / "training_summary.json").read_bytes() == summaries[after["key"]]
+        assert len(after["runs"][0]["scores"]) == len(before["runs"][0]["scores"])
+    uniform_dir, steps = tmp_path / "work" / f"dit-uniform-s{SEED}", result["generation_rows"][0]["dit_steps"]
+    assert ablation.is_trained(uniform_dir, steps, SEED)
+    assert not ablation.is_trained(uniform_dir, steps + 4, SEED)  # another budget or seed retrains
+    assert not ablation.is_trained(uniform_dir, steps, SEED + 1)
 
 
 def test_imagenet256_preset_prints_accepted_commands_for_every_row(tmp_path, monkeypatch, capsys):

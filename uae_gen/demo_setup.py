@@ -413,15 +413,19 @@ def reconstruct(vae: AutoencoderUAE, images: torch.Tensor, batch_size: int = 128
 
 
 def generate(pipe: UAEDiTPipeline, num_classes: int, per_class: int, inference_steps: int, seed: int,
-             guidance_scale: float = GUIDANCE_SCALE):
-    """(images in [-1, 1] ordered class by class, their labels, band previews of the first sample of each class)."""
+             guidance_scale: float = GUIDANCE_SCALE, guidance_interval: tuple = (0.0, 1.0), previews: bool = True):
+    """(images in [-1, 1] ordered class by class, their labels, band previews of the first sample of each class, or
+    None when `previews` is off)."""
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     generator = torch.Generator().manual_seed(seed)
-    output = pipe(class_labels=labels.tolist(), guidance_scale=guidance_scale, num_inference_steps=inference_steps,
-                  generator=generator, output_type="pt", return_band_previews=True)
+    output = pipe(class_labels=labels.tolist(), guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+                  num_inference_steps=inference_steps, generator=generator, output_type="pt",
+                  return_band_previews=previews)
+    if not previews:
+        return output.images * 2 - 1, labels, None
     first_of_class = labels.new_tensor([k * per_class for k in range(num_classes)])
-    previews = torch.cat([p[first_of_class] for p in output.band_previews] + [output.images[first_of_class]])
-    return output.images * 2 - 1, labels, previews
+    bands = torch.cat([p[first_of_class] for p in output.band_previews] + [output.images[first_of_class]])
+    return output.images * 2 - 1, labels, bands
 
 
 def write_text(path: Path, text: str) -> None:
