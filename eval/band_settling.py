@@ -3,10 +3,11 @@ along the way, and, per band, the distance of that prediction to the final laten
 
     python eval/band_settling.py --pipeline uae_gen_demo/pipeline --class_labels 0 3 7 --out_dir band_settling
 
-The sampler runs with Euler steps: step i moves x_i at time t_i to x_{i+1} at t_{i+1} along the velocity
-v_i = (x_{i+1} - x_i) / (t_{i+1} - t_i), so the clean latent predicted at step i is x_i - t_i v_i; the last
-step's prediction is the final latent up to t_N v (the grid ends at t_N = 0.001). Band k of a latent is the autoencoder's split_bands of the raw
-(denormalised) latent, the split the pipeline's band previews show. A band has settled once its distance
+The sampler runs with Euler steps (one clock for all bands): step i moves x_i at time t_i to x_{i+1} at t_{i+1}
+along the velocity v_i, so the clean latent predicted at step i is x_i - t_i v_i (the pipeline's predict_clean, the
+latent its step_previews decode); the last step's prediction is the final latent up to t_N v (the grid ends at
+t_N = 0.001). Band k of a latent is the autoencoder's split_bands of the raw (denormalised) latent, the split the
+pipeline's band previews show. A band has settled once its distance
 ||band_k(prediction) - band_k(final)|| / ||band_k(final)|| is small; low-to-high generation settles band 0 first.
 
 Writes to --out_dir: band_settling.png (one row per class label: the decoded prediction after each of
@@ -40,9 +41,10 @@ def band_settling(pipe: UAEDiTPipeline, class_labels: list, num_inference_steps:
     pipe(class_labels=class_labels, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
          latents=start, output_type="latent",
          callback_on_step_end=lambda p, i, t, tensors: states.append(tensors["latents"].clone()) or {})
+    coefficients = pipe.clean_prediction_coefficients(range(num_inference_steps))
+    predictions = [pipe.predict_clean(x, x_next, coefficients[i][0])
+                   for i, (x, x_next) in enumerate(zip(states, states[1:]))]
     grid = pipe.scheduler.time_grid.cpu()
-    predictions = [x - t * (x_next - x) / (t_next - t)
-                   for x, x_next, t, t_next in zip(states, states[1:], grid, grid[1:])]
     vae = pipe.vae
 
     def bands(z):  # (B, K, C, h, w) of the raw latent

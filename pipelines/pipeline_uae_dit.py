@@ -211,24 +211,22 @@ class UAEDiTPipeline(DiffusionPipeline):
         steps_guided = ((grid[:-1] >= lo) & (grid[1:] <= hi)).tolist()
         return [guided if step_guided else unguided for step_guided in steps_guided]
 
-    def prepare_step_previews(self) -> dict[int, tuple]:
-        """Step index -> (c (K,), the time the step ends at) for NUM_STEP_PREVIEWS evenly spaced steps. The clean
-        latent the step from x (band times t_k) to x' (t'_k) points at is x + sum_k c_k band_k(x' - x) with
-        c_k = t_k / (t_k - t'_k): the step's velocity extrapolated to t_k = 0 (c_k = 0 for a band that does not move
-        in that step). Computed on the host before the loop, like the guidance."""
+    def clean_prediction_coefficients(self, steps) -> dict[int, tuple]:
+        """Step index -> (c (K,), the time the step ends at) for each of `steps`. The clean latent the step from x
+        (band times t_k) to x' (t'_k) points at is x + sum_k c_k band_k(x' - x) with c_k = t_k / (t_k - t'_k): the
+        step's velocity extrapolated to t_k = 0 (c_k = 0 for a band that does not move in that step; exact for one
+        clock and for shifted clocks, whose drift the sampler masks). Computed on the host before the loop."""
         grid = self.scheduler.time_grid.cpu().double()
-        steps = len(grid) - 1
-        chosen = sorted({round(j * (steps - 1) / max(NUM_STEP_PREVIEWS - 1, 1)) for j in range(NUM_STEP_PREVIEWS)})
         times = self.scheduler.band_schedule.band_times(grid)  # (steps + 1, K)
         coefficients = {}
-        for i in chosen:
+        for i in steps:
             moved = times[i] - times[i + 1]
             c = torch.where(moved != 0, times[i] / moved.where(moved != 0, 1.0), 0.0)
             coefficients[i] = (c.float(), float(grid[i + 1]))
         return coefficients
 
     def predict_clean(self, before, after, coefficients) -> torch.Tensor:
-        """The clean latent of one step (see ``prepare_step_previews``)."""
+        """The clean latent one step points at (see ``clean_prediction_coefficients``)."""
         bands = self.vae.split_bands(after - before)  # (B, K, ...): the bands the schedule runs on
         weights = coefficients.to(bands.device, bands.dtype).reshape(1, -1, *([1] * (bands.ndim - 2)))
         return before + (weights * bands).sum(1)
@@ -327,7 +325,9 @@ class UAEDiTPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         velocity_fns = self.prepare_velocity_fns(labels, guidance_scale, guidance_interval, guidance)
 
-        preview_steps = self.prepare_step_previews() if return_band_previews else {}
+        last = self.scheduler.num_inference_steps - 1
+        shown = {round(j * last / max(NUM_STEP_PREVIEWS - 1, 1)) for j in range(NUM_STEP_PREVIEWS)}
+        preview_steps = self.clean_prediction_coefficients(sorted(shown)) if return_band_previews else {}
         predicted = []
 
         self.scheduler.set_begin_index(0)  # count the steps: no per-step timestep lookup on the host
