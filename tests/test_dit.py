@@ -392,3 +392,38 @@ def test_one_time_embedding_per_band_clock(preset):
         model(sample, torch.rand(3), labels)
     with pytest.raises(ValueError, match="num_time_embeddings must be >= 1 and divide hidden_size 64; got 3"):
         UAEDiT.from_preset(preset, **TINY, num_time_embeddings=3)
+
+
+@pytest.mark.parametrize("preset,layout", [("DiT-tiny", {}), ("DiT-DH-tiny", dict(frequency_tokens=16))])
+def test_sample_prediction_returns_the_velocity_toward_the_predicted_latent(preset, layout, tmp_path):
+    # x-prediction: the network's last layer gives x_hat and forward returns (x_t - x_hat) / max(t, 0.05), so the
+    # same weights read as a velocity model give x_hat directly.
+    model = perturbed(UAEDiT.from_preset(preset, **TINY, **layout, prediction_type="sample")).eval()
+    as_velocity = UAEDiT.from_preset(preset, **TINY, **layout).eval()
+    as_velocity.load_state_dict(model.state_dict())
+    sample, _, labels = inputs(model)
+    timestep = torch.tensor([0.8, 0.3, 0.01])
+    if layout:
+        sample = DCTBandTransform(8, 8, cutoffs=[]).lowpass(sample, 16)
+    clean = as_velocity(sample, timestep, labels).sample
+    expected = (sample - clean) / torch.tensor([0.8, 0.3, 0.05]).reshape(-1, 1, 1, 1)
+    velocity = model(sample, timestep, labels).sample
+    assert clean.abs().mean() > 1e-2
+    torch.testing.assert_close(velocity, expected, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded = UAEDiT.from_pretrained(tmp_path).eval()
+    assert reloaded.config.prediction_type == "sample"
+    assert torch.equal(reloaded(sample, timestep, labels).sample, velocity)
+
+
+def test_sample_prediction_at_initialisation_predicts_the_mean_latent():
+    model = UAEDiT.from_preset("DiT-tiny", **TINY, prediction_type="sample").eval()  # zero-initialised output
+    sample, timestep, labels = inputs(model)
+    torch.testing.assert_close(model(sample, timestep, labels).sample, sample / timestep.reshape(-1, 1, 1, 1))
+
+
+def test_prediction_type_validation():
+    with pytest.raises(ValueError, match="prediction_type must be one of .*got 'epsilon'"):
+        UAEDiT.from_preset("DiT-tiny", **TINY, prediction_type="epsilon")
+    with pytest.raises(ValueError, match="cannot take 4 band times"):
+        UAEDiT.from_preset("DiT-tiny", **TINY, prediction_type="sample", num_time_embeddings=4)

@@ -334,6 +334,23 @@ def test_shifted_band_clocks(data, tmp_path):
         train_dit.parse_args(spatial_args(data, out, "--band0_loss_weight", "0"))
 
 
+def test_sample_prediction_trains_and_samples(data, tmp_path):
+    out = tmp_path / "x-prediction"
+    summary = train_dit.main(train_dit.parse_args(tiny_args(
+        data, out, "--max_train_steps", "6", "--logging_steps", "1", "--prediction_type", "sample")))
+    curve = [loss for _, loss in summary["loss"]["curve"]]
+    assert curve[-1] < curve[0]  # the velocity loss of an x-predicting model goes down
+    pipe = UAEDiTPipeline.from_pretrained(out / "pipeline")
+    assert pipe.transformer.config.prediction_type == "sample" and pipe.transformer.config.frequency_tokens == 64
+    latents = pipe(class_labels=[0, 3], num_inference_steps=3, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    assert latents.shape == (2, pipe.vae.latent_channels, *pipe.vae.latent_size) and torch.isfinite(latents).all()
+    with pytest.raises(ValueError, match="--prediction_type sample needs one clock .* got --band_stagger 0.3"):
+        train_dit.parse_args(spatial_args(data, out, "--prediction_type", "sample", "--band_stagger", "0.3"))
+    with pytest.raises(SystemExit):  # argparse: velocity or sample
+        train_dit.parse_args(tiny_args(data, out, "--prediction_type", "epsilon"))
+
+
 HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__")
 
 

@@ -1,7 +1,11 @@
 """UAEDiT: the class-conditional latent generator, plain DiT or DiT^DH (DiT with a wide DDT head).
 
 Flow-matching convention (official RAE/UAE code): `timestep` t in [0, 1], t=1 is pure noise, and the model
-predicts the velocity eps - x with the input's shape.
+returns the velocity eps - x with the input's shape. Its last layer predicts that velocity directly
+(`prediction_type="velocity"`), or the clean latent x (`"sample"`, JiT's x-prediction), turned into the velocity
+(x_t - x) / t. JiT's argument for the second: a clean latent lies near a low-dimensional manifold while a velocity
+holds all of the noise, which a network cannot carry through when a token holds more values than its width (as
+with several coefficients_per_token).
 
 Two shapes of one class, chosen by `head_depth`:
 - plain DiT (head_depth=0): patch embed (+ fixed 2-D sin-cos pos-embed) -> adaLN-Zero blocks conditioned on
@@ -25,6 +29,9 @@ from torch import nn
 from .attention import attention, check_attention_backend, check_attention_backend_available
 from .bands import LowFrequencyTokens
 from .pos_embed import sincos_pos_embed_2d
+
+PREDICTION_TYPES = ("velocity", "sample")
+SAMPLE_PREDICTION_MIN_TIME = 0.05  # x-prediction divides by max(t, 0.05): a finite velocity near t = 0 (JiT)
 
 _NO_HEAD = dict(head_hidden_size=None, head_depth=0, head_num_heads=None)
 _DH_HEAD = dict(head_hidden_size=2048, head_depth=2, head_num_heads=16)  # RAE's head for every DiT^DH size
@@ -282,6 +289,7 @@ class UAEDiT(ModelMixin, ConfigMixin):
         frequency_tokens: int | None = None,
         coefficients_per_token: int = 1,
         num_time_embeddings: int = 1,
+        prediction_type: str = "velocity",
     ):
         super().__init__()
         check_attention_backend(attention_backend)
@@ -302,6 +310,11 @@ class UAEDiT(ModelMixin, ConfigMixin):
         if num_time_embeddings < 1 or hidden_size % num_time_embeddings:
             raise ValueError(f"num_time_embeddings must be >= 1 and divide hidden_size {hidden_size}; "
                              f"got {num_time_embeddings}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
+        if prediction_type == "sample" and num_time_embeddings != 1:
+            raise ValueError("prediction_type='sample' turns x into a velocity with one time t; it cannot take "
+                             f"{num_time_embeddings} band times")
         if frequency_tokens is not None and patch_size != 1:
             raise ValueError(f"frequency_tokens needs patch_size 1 (coefficients_per_token groups them); got {patch_size}")
         if coefficients_per_token < 1 or (coefficients_per_token > 1 and frequency_tokens is None):
@@ -408,7 +421,15 @@ class UAEDiT(ModelMixin, ConfigMixin):
             tokens = self._embed_patches(self.head_x_embedder, sample)
             tokens = self._run_blocks(self.head_blocks, tokens, cond, self._rope("head"))
         velocity = self._unpatchify(self.final_layer(tokens, cond))
+        if self.config.prediction_type == "sample":  # the network predicted x: v = (x_t - x) / t
+            velocity = self._velocity_from_sample(sample, velocity, timestep)
         return Transformer2DModelOutput(sample=velocity) if return_dict else (velocity,)
+
+    def _velocity_from_sample(self, sample, clean, timestep) -> torch.Tensor:
+        if self.frequency_layout is not None:  # the velocity stays in the low-pass subspace the model sees
+            sample = self.frequency_layout.from_tokens(self.frequency_layout.to_tokens(sample))
+        t = timestep.float().clamp(min=SAMPLE_PREDICTION_MIN_TIME).reshape(-1, 1, 1, 1)
+        return ((sample.float() - clean.float()) / t).to(clean.dtype)
 
     def _check_inputs(self, sample, timestep, class_labels) -> tuple[torch.Tensor, torch.Tensor]:
         config = self.config

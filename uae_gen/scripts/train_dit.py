@@ -34,7 +34,7 @@ from uae_gen.pipelines.pipeline_uae_dit import UAEDiTPipeline, imagenet_id2label
 from uae_gen.data import ImageFolderDataset, LatentCacheDataset, LatentStatistics, load_demo_digits
 from uae_gen.flow import BAND_CLOCKS, SOLVERS, TIME_DISTRIBUTIONS, FlowMatchBandScheduler, flow_matching_loss
 from uae_gen.models.autoencoder_uae import AutoencoderUAE
-from uae_gen.models.dit import DIT_PRESETS, UAEDiT
+from uae_gen.models.dit import DIT_PRESETS, PREDICTION_TYPES, UAEDiT
 from uae_gen.training import EMA, LossLogger, backward_and_step, batch_seed, loss_summary, resumed_batches
 from uae_gen.training import add_training_arguments, check_training_arguments, parse_args_with_preset, read_preset
 from uae_gen.training import make_accelerator, make_adamw, make_lr_scheduler, make_train_dataloader
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="'shifted': band k runs on tau - d_k over [0, 1 + d_0] with its own time embedding (SFD); "
         "'compressed': band k's clock squeezed into [d_k, 1]")
     add("--band0_loss_weight", type=float, default=1.0, help="weight of band 0's share of the loss (SFD: 2)")
+    add("--prediction_type", choices=PREDICTION_TYPES, default="velocity",
+        help="what the DiT's last layer predicts: the velocity, or the clean latent ('sample', JiT's x-prediction, "
+        "for tokens holding more values than the model's width); the loss is on the velocity either way")
     add("--time_shift", type=time_shift_value, default="auto", help="'auto' = sqrt(C*h*w / 4096), or a number")
     add("--time_distribution", choices=TIME_DISTRIBUTIONS, default="logit_normal")
     add("--solver", choices=SOLVERS, default="euler", help="sampler saved with the pipeline")
@@ -157,6 +160,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError("--vae (an AutoencoderUAE folder) is needed to encode images on the fly")
     if args.band0_loss_weight <= 0:
         raise ValueError(f"--band0_loss_weight must be positive, got {args.band0_loss_weight}")
+    if args.prediction_type == "sample" and args.band_stagger > 0:
+        raise ValueError(f"--prediction_type sample needs one clock for the whole latent; got --band_stagger "
+                         f"{args.band_stagger}")
     if args.frequency_tokens and args.latent_lowpass is None:
         raise ValueError("--frequency_tokens runs the DiT on the low-passed latent's coefficients: give --latent_lowpass N")
     if args.lowpass_schedule is not None:
@@ -263,7 +269,7 @@ def make_transformer(args, vae: AutoencoderUAE, num_classes: int, num_model_time
                               num_classes=num_classes, class_dropout_prob=args.class_dropout_prob,
                               frequency_tokens=args.latent_lowpass if args.frequency_tokens else None,
                               coefficients_per_token=args.coefficients_per_token,
-                              num_time_embeddings=num_model_times)
+                              num_time_embeddings=num_model_times, prediction_type=args.prediction_type)
 
 
 @torch.no_grad()
