@@ -9,8 +9,9 @@ launch -m uae_gen.scripts.train_tokenizer ...` (or `python -m uae_gen.scripts.ca
 uae_gen.scripts.train_dit`) command, as `uae-gen demo` runs them (uae_gen.demo_setup, which this study shares with
 the demo). One
 teacher (the tiny DINOv2-architecture classifier: DINOv2's role, the tokenizers' initial encoder and the semantic
-target) and one judge (resnet10t: class accuracy and the feature space of the judge-FID) are trained once and shared
-by every row. Tokenizer rows, each with the same seed and one equal step budget N (`--minutes` scales it):
+target) and NUM_JUDGES judges (resnet10t from different seeds: class accuracy and the feature space of the
+judge-FID, each score a mean over them) are trained once and shared by every row. Tokenizer rows, each with the same
+seed and one equal step budget N (`--minutes` scales it):
 
   a   RAE-style: K=1 (no band split), encoder frozen (stage 1 only), no band noise;
   b   + BandProjector: K=4, otherwise as a;
@@ -52,7 +53,7 @@ from uae_gen import AutoencoderUAE, BandProjector, UAEDiTPipeline
 from uae_gen.data import LatentCacheDataset
 from uae_gen.models.dit import UAEDiT
 from uae_gen.scripts import train_dit as train_dit_script
-from uae_gen.demo_classifiers import accuracy, classifier_features, predict
+from uae_gen.demo_classifiers import Judge, accuracy, classifier_features, predict, train_classifier
 from uae_gen import demo_setup as shared  # what the demo and this study share
 from uae_gen.metrics import frechet_distance_from_features, psnr, ssim
 from uae_gen.training import read_preset, save_image_grid, write_json
@@ -70,9 +71,13 @@ SHIFTED_STAGGER = 0.3  # SFD's best offset (FID 3.03 vs 5.24 at 0 and 5.41 at 1.
 # Generation scoring: each row's CFG scale and guidance interval (shifted time, 1 = noise) are picked on GUIDANCE_GRID
 # at REFERENCE_NFE (lowest judge-FID, mean over seeds), then scored at every NFE and at the checkpoint after each
 # quarter of the training budget.
-GUIDANCE_SCALES = (1.5, 2.0, 3.0, 4.5)
+GUIDANCE_SCALES = (2.0, 3.0, 4.5, 6.0)
 GUIDANCE_INTERVALS = ((0.0, 1.0), (0.2, 0.85))
 GUIDANCE_GRID = tuple(itertools.product(GUIDANCE_SCALES, GUIDANCE_INTERVALS))  # (scale, interval)
+# Judge-FID depends on the judge about as much as on the generator (three judges trained from different seeds put one
+# uniform DiT's samples at 53.6, 62.3 and 54.4), so accuracy and judge-FID are means over NUM_JUDGES judges, the
+# first the demo's.
+NUM_JUDGES = 5
 NFE_GRID = (10, 25, 50)
 REFERENCE_NFE = 25
 CHECKPOINT_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -212,7 +217,33 @@ def teacher_scores(teacher, train, heldout) -> dict[str, float]:
     }
 
 
-def tokenizer_scores(vae: AutoencoderUAE, train, heldout, judge, heldout_features) -> tuple[dict, torch.Tensor]:
+class JudgePanel:
+    """Judges (resnet10t classifiers trained from different seeds) that score images by their class accuracy and
+    the Frechet distance of their pooled features to the held-out images', each a mean over the judges."""
+
+    def __init__(self, judges: list, heldout):
+        self.judges, self.heldout = judges, heldout
+        self.heldout_features = [classifier_features(judge, heldout.images).numpy() for judge in judges]
+
+    @classmethod
+    def train(cls, first_judge, train, heldout, steps: int, seed: int, count: int = NUM_JUDGES) -> "JudgePanel":
+        """`first_judge` (the demo's) and count - 1 more, judge j initialised and trained from seed + j."""
+        judges = [first_judge]
+        for j in range(1, count):
+            torch.manual_seed(seed + j)  # the initial weights
+            judges.append(train_classifier(Judge(train.num_classes), train.images, train.labels, steps,
+                                                  seed=seed + j, description=f"judge {j + 1}"))
+        return cls(judges, heldout)
+
+    def scores(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        """judge_accuracy, judge_fid (means over the judges) and judge_fids (each judge's)."""
+        fids = [frechet_distance_from_features(classifier_features(judge, images).numpy(), features)
+                for judge, features in zip(self.judges, self.heldout_features)]
+        return {"judge_accuracy": statistics.fmean(accuracy(predict(judge, images), labels) for judge in self.judges),
+                "judge_fid": statistics.fmean(fids), "judge_fids": fids}
+
+
+def tokenizer_scores(vae: AutoencoderUAE, train, heldout, judges: JudgePanel) -> tuple[dict, torch.Tensor]:
     """Held-out PSNR / SSIM (8-bit levels), judge-FID and judge accuracy of the reconstructions, band-0 probe;
     and the reconstructions."""
     recon = shared.reconstruct(vae, heldout.images)
@@ -221,8 +252,7 @@ def tokenizer_scores(vae: AutoencoderUAE, train, heldout, judge, heldout_feature
     scores = {
         "heldout_psnr": psnr(x, reference).mean().item(),
         "heldout_ssim": ssim(x, reference).mean().item(),
-        "judge_fid": frechet_distance_from_features(classifier_features(judge, recon).numpy(), heldout_features),
-        "judge_accuracy": accuracy(predict(judge, recon), heldout.labels),
+        **judges.scores(recon, heldout.labels),
         "band0_probe_top1": shared.linear_probe_top1(band0(shared.raw_latents(vae, train.images)), train.labels,
                                                      band0(shared.raw_latents(vae, heldout.images)), heldout.labels),
     }
@@ -258,6 +288,10 @@ GENERATION_ROWS = (
                   "ordered from low to high frequency"),
     GenerationRow("freq64x4", ("--latent_lowpass", 64, "--frequency_tokens", "--coefficients_per_token", 4),
                   "as freq64x2 with four coefficients per token: 16 tokens (dit_tiny's default)"),
+    GenerationRow("freq64x4-x", ("--latent_lowpass", 64, "--frequency_tokens", "--coefficients_per_token", 4,
+                                 "--prediction_type", "sample"),
+                  "as freq64x4 with x-prediction (JiT's remedy for tokens wider than the model: 256 values per "
+                  "token, DiT-mini is 192 wide): the DiT predicts the clean latent, the loss is on the velocity"),
 )
 GENERATION_BY_KEY = {row.key: row for row in GENERATION_ROWS}
 DEFAULT_GENERATION_ROWS = ("uniform", "freq64x2", "freq64x4")
@@ -298,11 +332,15 @@ def generation_step_seconds(out: Path, rows: list[GenerationRow], latent_cache: 
                             num_classes: int) -> dict[str, float]:
     """Each row's training-step seconds, timed once per study directory and kept in work/generation_steps.json: a
     rerun in the same --out_dir keeps the equal-time budgets, so it reuses the generators trained to them (and
-    rescores them with the script's current settings); rows not timed yet are timed with the rest."""
+    rescores them with the script's current settings). Rows not timed yet are timed side by side with uniform and
+    kept as their ratio to uniform times its stored seconds, so the stored budgets never change."""
     path = out / "work" / "generation_steps.json"
     seconds = json.loads(path.read_text()) if path.is_file() else {}
-    if any(row.key not in seconds for row in rows):
-        seconds = dit_step_seconds(rows, latent_cache, num_classes)
+    missing = [row for row in rows if row.key not in seconds]
+    if missing:
+        timed = dit_step_seconds([GENERATION_BY_KEY["uniform"], *missing], latent_cache, num_classes)
+        anchor = seconds.get("uniform", timed["uniform"])
+        seconds.update({"uniform": anchor, **{row.key: timed[row.key] / timed["uniform"] * anchor for row in missing}})
         write_json(str(path), seconds)
     return {row.key: seconds[row.key] for row in rows}
 
@@ -315,7 +353,7 @@ def is_trained(dit_dir: Path, steps: int, seed: int) -> bool:
     return summary["global_step"] == steps and summary["args"]["seed"] == seed
 
 
-def score_samples(pipe, judge, heldout_features, num_classes: int, per_class: int, nfe: int, guidance: tuple,
+def score_samples(pipe, judges: JudgePanel, num_classes: int, per_class: int, nfe: int, guidance: tuple,
                   seed: int) -> tuple[dict, torch.Tensor]:
     """Judge accuracy, judge-FID and sampling ms per image of `pipe`'s samples at guidance (scale, interval), and one
     sample per class."""
@@ -323,15 +361,11 @@ def score_samples(pipe, judge, heldout_features, num_classes: int, per_class: in
     scale, interval = guidance
     images, labels, _ = shared.generate(pipe, num_classes, per_class, nfe, seed, scale, interval, previews=False)
     ms = (time.perf_counter() - started) * 1000 / len(images)
-    return {
-        "judge_accuracy": accuracy(predict(judge, images), labels),
-        "judge_fid": frechet_distance_from_features(classifier_features(judge, images).numpy(), heldout_features),
-        "ms_per_sample": ms,
-    }, images[::per_class]
+    return {**judges.scores(images, labels), "ms_per_sample": ms}, images[::per_class]
 
 
 def generation_rows(out: Path, latent_cache: Path, keys: list[str], steps: dict, seeds: list[int], num_classes: int,
-                    judge, heldout_features) -> tuple[list[dict], torch.Tensor]:
+                    judges: JudgePanel) -> tuple[list[dict], torch.Tensor]:
     """Train every row's DiT for each seed with an equal training-time budget (uniform's steps x the in-process
     step-time ratio), checkpointed every quarter (a run already in `out` with its budget is reused); score every
     run at NFE 25 over GUIDANCE_GRID, pick each row's guidance (lowest judge-FID, mean over seeds), then score it at
@@ -363,8 +397,7 @@ def generation_rows(out: Path, latent_cache: Path, keys: list[str], steps: dict,
         pipe.set_progress_bar_config(disable=True)
         if checkpoint != record["dit_steps"]:
             pipe.transformer = UAEDiT.from_pretrained(out / run["dir"] / f"checkpoint-{checkpoint}" / "transformer_ema")
-        scores, firsts = score_samples(pipe, judge, heldout_features, num_classes, per_class, nfe, guidance,
-                                       run["seed"])
+        scores, firsts = score_samples(pipe, judges, num_classes, per_class, nfe, guidance, run["seed"])
         scale, interval = guidance
         run["scores"].append({"step": checkpoint, "nfe": nfe, "guidance_scale": scale,
                               "guidance_interval": list(interval), **scores})
@@ -411,6 +444,13 @@ def mean_score(record: dict, step: int, nfe: int, guidance: tuple, key: str) -> 
     return statistics.fmean(values), statistics.pstdev(values)
 
 
+def per_judge_fids(record: dict, step: int, nfe: int, guidance: tuple) -> list[float]:
+    """Each judge's judge-FID of `record` at one setting, mean over seeds."""
+    values = [s["judge_fids"] for run in record["runs"] for s in run["scores"]
+              if (s["step"], s["nfe"], guidance_of(s)) == (step, nfe, guidance)]
+    return [statistics.fmean(column) for column in zip(*values)]
+
+
 # ---- the study ----------------------------------------------------------------------------------------------
 
 
@@ -434,12 +474,13 @@ def run_ablation(out_dir: str = "uae_gen_ablation", minutes: float = DEFAULT_MIN
             tokenizer_rows[key] = {"runs": runs, "model_dir": runs[-1]["dir"]}
     timer.lap("tokenizers_s")
 
-    heldout_features = classifier_features(judge, heldout.images).numpy()
+    judges = JudgePanel.train(judge, train, heldout, steps["judge"], seed)
+    timer.lap("judges_s")
     teacher_result = teacher_scores(teacher, train, heldout)
     for key, record in tokenizer_rows.items():
         row = ROWS_BY_KEY[key]
         vae = AutoencoderUAE.from_pretrained(out / record["model_dir"]).eval()
-        scores, reconstructions[key] = tokenizer_scores(vae, train, heldout, judge, heldout_features)
+        scores, reconstructions[key] = tokenizer_scores(vae, train, heldout, judges)
         record.update({
             "key": key, "name": row.name, "num_bands": row.num_bands,
             "encoder": "tuned" if row.tune_encoder else "frozen", "band_noise": row.band_noise, "note": row.note,
@@ -455,11 +496,10 @@ def run_ablation(out_dir: str = "uae_gen_ablation", minutes: float = DEFAULT_MIN
             latent_cache = out / "work" / "latents-d"
             shared.cache_latents(out / tokenizer_rows["d"]["model_dir"], latent_cache, seed)
         generation, samples = generation_rows(out, Path(latent_cache), list(generation_keys), steps,
-                                              generation_seeds, train.num_classes, judge, heldout_features)
+                                              generation_seeds, train.num_classes, judges)
         count = train.num_classes * steps["samples_per_class"]
         floor_index = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count]
-        floor = frechet_distance_from_features(classifier_features(judge, train.images[floor_index]).numpy(),
-                                               heldout_features)
+        floor = judges.scores(train.images[floor_index], train.labels[floor_index])["judge_fid"]
         timer.lap("generation_s")
         save_generation_curves(generation, out / "generation.png")
     wall = timer.finish()
@@ -475,7 +515,8 @@ def run_ablation(out_dir: str = "uae_gen_ablation", minutes: float = DEFAULT_MIN
                      "num_heldout": len(heldout), "num_train": len(train)},
         "steps": steps,
         "teacher": teacher_result,
-        "judge": {"heldout_accuracy": accuracy(predict(judge, heldout.images), heldout.labels)},
+        "judge": {"heldout_accuracy": judges.scores(heldout.images, heldout.labels)["judge_accuracy"],
+                  "count": len(judges.judges)},
         "tokenizer_rows": list(tokenizer_rows.values()),
         "generation_rows": generation,
         "generation_floor_judge_fid": floor,
@@ -631,8 +672,8 @@ def markdown_report(result: dict) -> str:
         f"intervals {s['guidance_intervals']}.",
         f"Teacher: held-out accuracy {result['teacher']['heldout_accuracy']:.3f}; probe on its latent "
         f"{result['teacher']['probe_top1']:.3f}, on band 0 of its K={FULL_UAE_BANDS} split "
-        f"{result['teacher']['band0_probe_top1']:.3f}. Judge: held-out accuracy "
-        f"{result['judge']['heldout_accuracy']:.3f}.", "",
+        f"{result['teacher']['band0_probe_top1']:.3f}. Judges: {result['judge']['count']}, held-out accuracy "
+        f"{result['judge']['heldout_accuracy']:.3f} (mean).", "",
     ]
     ablation = [rows[key] for key in ABLATION_TABLE if key in rows]
     if ablation:
@@ -649,6 +690,10 @@ def markdown_report(result: dict) -> str:
         lines += ["", f"Judge-FID floor (as many real training images vs held-out): "
                       f"{result['generation_floor_judge_fid']:.2f}. generation.png: accuracy and judge-FID at each "
                       "quarter of the budget.", ""]
+        lines += [f"Judge-FID at NFE {REFERENCE_NFE} by judge (mean over seeds; the table's cell is their mean): " +
+                  "; ".join(f"{row['key']} " + " / ".join(f"{fid:.1f}" for fid in per_judge_fids(
+                      row, row["dit_steps"], REFERENCE_NFE, guidance_of(row))) for row in result["generation_rows"]) +
+                  ".", ""]
     lines += ["## What each row is", ""]
     lines += [f"- **{row['key']}** ({row['name']}): {row['note']}." for row in result["tokenizer_rows"]]
     lines += [
@@ -656,11 +701,11 @@ def markdown_report(result: dict) -> str:
         "frequency bins) is the DC bin alone, i.e. the channel means, which limits its probe.",
         "- No row runs stage 3 (GAN): its discriminator makes a step about 8x the cost of a stage-1 step on the CPU.",
         "- Metrics on the held-out split: PSNR / SSIM on 8-bit levels; judge-FID = Frechet distance of the "
-        "reconstructions (or samples) to the held-out images in the judge's (resnet10t) pooled features; judge acc. "
-        "= the judge's class accuracy on them; probes = logistic regression on the 2x2-pooled raw latent (band 0, or "
-        "the teacher's whole latent), trained on the train split. Wall = the row's training runs as each script "
-        "times itself (process start-up excluded; a shared stage 1 counts in each row that uses it), scoring "
-        "excluded.",
+        "reconstructions (or samples) to the held-out images in a judge's (resnet10t) pooled features; judge acc. "
+        "= a judge's class accuracy on them; both are means over the judges (trained from different seeds); "
+        "probes = logistic regression on the 2x2-pooled raw latent (band 0, or the teacher's whole latent), trained "
+        "on the train split. Wall = the row's training runs as each script times itself (process start-up "
+        "excluded; a shared stage 1 counts in each row that uses it), scoring excluded.",
         *[f"- Generator **{row['key']}**: {row['note']} (train_dit flags: "
           f"{' '.join(map(str, row['flags'])) or 'none'})."
           for row in result["generation_rows"]],

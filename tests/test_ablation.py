@@ -27,6 +27,8 @@ from safetensors.torch import load_file
 
 from uae_gen import AutoencoderUAE
 from uae_gen.data import load_demo_digits
+from uae_gen.demo_classifiers import Judge, accuracy, classifier_features, predict, train_classifier
+from uae_gen.metrics import frechet_distance_from_features
 from uae_gen.training.image_grid import CAPTION_HEIGHT, GRID_PADDING
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,6 +127,8 @@ def test_every_row_present_with_finite_numbers_in_range(study):
             (step, ablation.REFERENCE_NFE, guidance) for step in row["checkpoint_steps"][:-1]]
         for score in run["scores"]:
             assert 0 <= score["judge_accuracy"] <= 1 and math.isfinite(score["judge_fid"]) and score["ms_per_sample"] > 0
+            assert len(score["judge_fids"]) == ablation.NUM_JUDGES
+            assert score["judge_fid"] == pytest.approx(np.mean(score["judge_fids"]))
         chosen = {g: next(s["judge_fid"] for s in run["scores"] if (s["step"], s["nfe"], ablation.guidance_of(s)) ==
                           (final, ablation.REFERENCE_NFE, g)) for g in ablation.GUIDANCE_GRID}
         assert chosen[guidance] == min(chosen.values())  # the scale and interval with the lowest judge-FID
@@ -135,6 +139,26 @@ def test_every_row_present_with_finite_numbers_in_range(study):
             uniform["summary"]["nfe25"]["ms_per_sample"][0]
     assert math.isfinite(result["generation_floor_judge_fid"])
     assert result["wall_time"]["total_s"] >= sum(v for k, v in result["wall_time"].items() if k != "total_s") - 1
+
+
+def test_judge_panel_scores_are_means_over_judges_trained_from_their_own_seeds(one_torch_thread):
+    train, heldout = load_demo_digits("train", seed=0), load_demo_digits("heldout", seed=0)
+    torch.manual_seed(0)
+    first = train_classifier(Judge(train.num_classes), train.images, train.labels, 3, seed=0)
+    panel = ablation.JudgePanel.train(first, train, heldout, steps=3, seed=7, count=3)
+    again = ablation.JudgePanel.train(first, train, heldout, steps=3, seed=7, count=3)
+    assert panel.judges[0] is first and len(panel.judges) == 3
+    for judge, twin in zip(panel.judges[1:], again.judges[1:]):  # judge j depends on seed + j alone
+        assert all(torch.equal(a, b) for a, b in zip(judge.state_dict().values(), twin.state_dict().values()))
+    images, labels = train.images[:60], train.labels[:60]
+    scores = panel.scores(images, labels)
+    by_hand = [frechet_distance_from_features(classifier_features(judge, images).numpy(),
+                                              classifier_features(judge, heldout.images).numpy())
+               for judge in panel.judges]
+    assert scores["judge_fids"] == pytest.approx(by_hand) and len(set(by_hand)) == 3  # three different judges
+    assert scores["judge_fid"] == pytest.approx(np.mean(by_hand))
+    assert scores["judge_accuracy"] == pytest.approx(np.mean([accuracy(predict(j, images), labels)
+                                                              for j in panel.judges]))
 
 
 def test_markdown_shows_the_json_numbers(study):
@@ -263,6 +287,25 @@ def test_a_rerun_in_the_same_directory_rescores_without_retraining(study, tmp_pa
     assert ablation.is_trained(uniform_dir, steps, SEED)
     assert not ablation.is_trained(uniform_dir, steps + 4, SEED)  # another budget or seed retrains
     assert not ablation.is_trained(uniform_dir, steps, SEED + 1)
+
+
+def test_a_new_generator_is_timed_against_uniform_without_moving_the_stored_budgets(tmp_path, monkeypatch):
+    # This machine is now twice as slow as when the study was timed: the new row keeps its ratio to uniform.
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "generation_steps.json").write_text(json.dumps({"uniform": 0.25, "freq64x2": 0.14}))
+    timed = []
+
+    def step_seconds(rows, latent_cache, num_classes):
+        timed.append([row.key for row in rows])
+        return {"uniform": 0.5, "freq64x2": 0.3, "freq64x4-x": 0.2}
+
+    monkeypatch.setattr(ablation, "dit_step_seconds", step_seconds)
+    rows = [ablation.GENERATION_BY_KEY[key] for key in ("uniform", "freq64x2", "freq64x4-x")]
+    seconds = ablation.generation_step_seconds(tmp_path, rows, tmp_path / "cache", 10)
+    assert timed == [["uniform", "freq64x4-x"]]  # the missing row, side by side with the anchor
+    assert seconds == pytest.approx({"uniform": 0.25, "freq64x2": 0.14, "freq64x4-x": 0.1})
+    assert json.loads((tmp_path / "work" / "generation_steps.json").read_text()) == pytest.approx(seconds)
+    assert ablation.generation_step_seconds(tmp_path, rows, tmp_path / "cache", 10) == seconds and len(timed) == 1
 
 
 def test_imagenet256_preset_prints_accepted_commands_for_every_row(tmp_path, monkeypatch, capsys):
