@@ -222,7 +222,7 @@ class JudgePanel:
     the Frechet distance of their pooled features to the held-out images', each a mean over the judges."""
 
     def __init__(self, judges: list, heldout):
-        self.judges, self.heldout = judges, heldout
+        self.judges = judges
         self.heldout_features = [classifier_features(judge, heldout.images).numpy() for judge in judges]
 
     @classmethod
@@ -232,7 +232,7 @@ class JudgePanel:
         for j in range(1, count):
             torch.manual_seed(seed + j)  # the initial weights
             judges.append(train_classifier(Judge(train.num_classes), train.images, train.labels, steps,
-                                                  seed=seed + j, description=f"judge {j + 1}"))
+                                           seed=seed + j, description=f"judge {j + 1}"))
         return cls(judges, heldout)
 
     def scores(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
