@@ -230,9 +230,11 @@ class JudgePanel:
         """`first_judge` (the demo's) and count - 1 more, judge j initialised and trained from seed + j."""
         judges = [first_judge]
         for j in range(1, count):
-            torch.manual_seed(seed + j)  # the initial weights
-            judges.append(train_classifier(Judge(train.num_classes), train.images, train.labels, steps,
-                                           seed=seed + j, description=f"judge {j + 1}"))
+            with torch.random.fork_rng():  # seed the initial weights without reseeding the study's RNG
+                torch.manual_seed(seed + j)
+                judge = Judge(train.num_classes)
+            judges.append(train_classifier(judge, train.images, train.labels, steps, seed=seed + j,
+                                           description=f"judge {j + 1}"))
         return cls(judges, heldout)
 
     def scores(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -437,18 +439,22 @@ def guidance_of(record: dict) -> tuple:
     return record["guidance_scale"], tuple(record["guidance_interval"])
 
 
+def scores_at(record: dict, step: int, nfe: int, guidance: tuple) -> list[dict]:
+    """Every seed's scores of `record` at one setting."""
+    return [s for run in record["runs"] for s in run["scores"]
+            if (s["step"], s["nfe"], guidance_of(s)) == (step, nfe, guidance)]
+
+
 def mean_score(record: dict, step: int, nfe: int, guidance: tuple, key: str) -> tuple[float, float]:
     """(mean, standard deviation over seeds) of one score of `record` at one setting."""
-    values = [s[key] for run in record["runs"] for s in run["scores"]
-              if (s["step"], s["nfe"], guidance_of(s)) == (step, nfe, guidance)]
+    values = [s[key] for s in scores_at(record, step, nfe, guidance)]
     return statistics.fmean(values), statistics.pstdev(values)
 
 
 def per_judge_fids(record: dict, step: int, nfe: int, guidance: tuple) -> list[float]:
     """Each judge's judge-FID of `record` at one setting, mean over seeds."""
-    values = [s["judge_fids"] for run in record["runs"] for s in run["scores"]
-              if (s["step"], s["nfe"], guidance_of(s)) == (step, nfe, guidance)]
-    return [statistics.fmean(column) for column in zip(*values)]
+    per_seed = [s["judge_fids"] for s in scores_at(record, step, nfe, guidance)]
+    return [statistics.fmean(column) for column in zip(*per_seed)]
 
 
 # ---- the study ----------------------------------------------------------------------------------------------
