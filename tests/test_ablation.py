@@ -120,24 +120,30 @@ def test_every_row_present_with_finite_numbers_in_range(study):
         guidance = ablation.guidance_of(row)
         assert guidance in ablation.GUIDANCE_GRID
         (run,) = row["runs"]  # one seed
-        settings = [(score["step"], score["nfe"], ablation.guidance_of(score)) for score in run["scores"]]
-        final = row["dit_steps"]
-        assert settings == [(final, ablation.REFERENCE_NFE, g) for g in ablation.GUIDANCE_GRID] + [
-            (final, nfe, guidance) for nfe in ablation.NFE_GRID if nfe != ablation.REFERENCE_NFE] + [
-            (step, ablation.REFERENCE_NFE, guidance) for step in row["checkpoint_steps"][:-1]]
+        settings = [(score["step"], score["nfe"], ablation.guidance_of(score), score["per_class"])
+                    for score in run["scores"]]
+        final, per_class = row["dit_steps"], result["steps"]["samples_per_class"]
+        large = ablation.LARGE_SAMPLE_FACTOR * per_class
+        assert settings == [(final, ablation.REFERENCE_NFE, g, per_class) for g in ablation.GUIDANCE_GRID] + [
+            (final, nfe, guidance, per_class) for nfe in ablation.NFE_GRID if nfe != ablation.REFERENCE_NFE] + [
+            (step, ablation.REFERENCE_NFE, guidance, per_class) for step in row["checkpoint_steps"][:-1]] + [
+            (final, ablation.REFERENCE_NFE, guidance, large)]
         for score in run["scores"]:
             assert 0 <= score["judge_accuracy"] <= 1 and math.isfinite(score["judge_fid"]) and score["ms_per_sample"] > 0
             assert len(score["judge_fids"]) == ablation.NUM_JUDGES
             assert score["judge_fid"] == pytest.approx(np.mean(score["judge_fids"]))
-        chosen = {g: next(s["judge_fid"] for s in run["scores"] if (s["step"], s["nfe"], ablation.guidance_of(s)) ==
-                          (final, ablation.REFERENCE_NFE, g)) for g in ablation.GUIDANCE_GRID}
+        chosen = {g: run["scores"][settings.index((final, ablation.REFERENCE_NFE, g, per_class))]["judge_fid"]
+                  for g in ablation.GUIDANCE_GRID}
         assert chosen[guidance] == min(chosen.values())  # the scale and interval with the lowest judge-FID
-        nfe25 = next(s for s in run["scores"]
-                     if (s["step"], s["nfe"], ablation.guidance_of(s)) == (final, 25, guidance))
-        assert row["summary"]["nfe25"]["judge_fid"] == [nfe25["judge_fid"], 0.0]  # one seed: std 0
+        for name, setting in (("nfe25", (final, 25, guidance, per_class)), ("large", (final, 25, guidance, large))):
+            score = run["scores"][settings.index(setting)]
+            assert row["summary"][name]["judge_fid"] == [score["judge_fid"], 0.0]  # one seed: std 0
         assert row["sample_ms_ratio"] == row["summary"]["nfe25"]["ms_per_sample"][0] / \
             uniform["summary"]["nfe25"]["ms_per_sample"][0]
-    assert math.isfinite(result["generation_floor_judge_fid"])
+    floors = result["generation_floors"]
+    assert [floor["samples"] for floor in floors] == [10 * per_class, 10 * large]
+    assert all(0 <= floor[key] < math.inf for floor in floors for key in ("real", "decoded"))
+    assert floors[0]["real"] != floors[1]["real"]  # scored on different image counts
     assert result["wall_time"]["total_s"] >= sum(v for k, v in result["wall_time"].items() if k != "total_s") - 1
 
 
