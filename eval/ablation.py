@@ -296,6 +296,10 @@ GENERATION_ROWS = (
                   "ordered from low to high frequency"),
     GenerationRow("freq64x4", ("--latent_lowpass", 64, "--frequency_tokens", "--coefficients_per_token", 4),
                   "as freq64x2 with four coefficients per token: 16 tokens (dit_tiny's default)"),
+    GenerationRow("freq64x4-c2f", ("--latent_lowpass", 64, "--frequency_tokens", "--coefficients_per_token", 4,
+                                   "--coarse_tokens", 4, "--coarse_time", 0.5),
+                  "as freq64x4, coarse to fine: while t > 0.5 the DiT runs on the first 4 tokens (16 coefficients per "
+                  "channel) and the finer coefficients stay noise"),
     GenerationRow("freq64x4-x", ("--latent_lowpass", 64, "--frequency_tokens", "--coefficients_per_token", 4,
                                  "--prediction_type", "sample"),
                   "as freq64x4 with x-prediction (JiT's remedy for tokens wider than the model: 256 values per "

@@ -351,7 +351,8 @@ def test_grouped_frequency_tokens_read_back_in_the_order_they_were_embedded():
     sample = torch.randn(3, channels, 8, 8)
     tokens = model._embed_patches(model.x_embedder, sample)
     assert tokens.shape == (3, 32, hidden)  # 64 coefficients, two per token
-    assert torch.allclose(model._unpatchify(tokens[..., : 2 * channels]), sample, atol=1e-5)  # all 64 kept
+    read_back = model.frequency_layout.from_tokens(model._coefficients(tokens[..., : 2 * channels]))
+    assert torch.allclose(read_back, sample, atol=1e-5)  # all 64 kept
 
 
 @pytest.mark.parametrize("preset", ["DiT-tiny", "DiT-DH-tiny"])
@@ -427,3 +428,76 @@ def test_prediction_type_validation():
         UAEDiT.from_preset("DiT-tiny", **TINY, prediction_type="epsilon")
     with pytest.raises(ValueError, match="cannot take 4 band times"):
         UAEDiT.from_preset("DiT-tiny", **TINY, prediction_type="sample", num_time_embeddings=4)
+
+
+def coarse_to_fine(preset: str, **options) -> UAEDiT:
+    return UAEDiT.from_preset(preset, **TINY, frequency_tokens=64, coefficients_per_token=4, **options).eval()
+
+
+@pytest.mark.parametrize("preset", ["DiT-tiny", "DiT-DH-tiny"])
+def test_coarse_stage_runs_the_first_tokens_and_leaves_the_rest_to_noise(preset, tmp_path):
+    model = perturbed(coarse_to_fine(preset, coarse_tokens=2, coarse_time=0.6))
+    fine = coarse_to_fine(preset)  # the same weights: the coarse stage adds none
+    fine.load_state_dict(model.state_dict())
+    coarse = UAEDiT.from_preset(preset, **TINY, frequency_tokens=8, coefficients_per_token=4).eval()  # 2 tokens
+    coarse.load_state_dict(model.state_dict())
+    sample, _, labels = inputs(model)
+    timestep = torch.tensor([0.9, 0.3, 0.7])  # rows 0 and 2 are in the coarse stage
+    seen = []
+    model.blocks[0].register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    velocity = model(sample, timestep, labels).sample
+    assert seen == [(2, 2, 64), (1, 16, 64)]  # the coarse rows run on 2 tokens, the other on all 16
+    torch.testing.assert_close(velocity[1:2], fine(sample[1:2], timestep[1:2], labels[1:2]).sample)
+    to_coefficients = model.frequency_layout.to_tokens
+    rows = [0, 2]
+    coefficients = to_coefficients(velocity[rows])
+    # the first 8 coefficients are those of the 2-token model; the rest are noise moving with the flow's std
+    torch.testing.assert_close(coefficients[..., :8], to_coefficients(coarse(sample[rows], timestep[rows],
+                                                                              labels[rows]).sample)[..., :8])
+    t = timestep[rows].reshape(-1, 1, 1)
+    torch.testing.assert_close(coefficients[..., 8:],
+                               to_coefficients(sample[rows])[..., 8:] * (2 * t - 1) / (t**2 + (1 - t)**2))
+    assert coefficients[..., :8].abs().mean() > 1e-2
+    model.save_pretrained(tmp_path)
+    reloaded = UAEDiT.from_pretrained(tmp_path).eval()
+    assert (reloaded.config.coarse_tokens, reloaded.config.coarse_time) == (2, 0.6)
+    torch.testing.assert_close(reloaded(sample, timestep, labels).sample, velocity, rtol=1e-5, atol=1e-6)
+
+
+def test_the_coefficients_not_generated_yet_join_with_the_flows_standard_deviation():
+    # A sampler run through the coarse stage: the finer coefficients stay the initial noise, scaled to
+    # sqrt(t^2 + (1 - t)^2) at coarse_time (Euler's error shrinks with the step), as a unit-variance coefficient's
+    # x_t = (1 - t) x + t eps would be.
+    model = perturbed(coarse_to_fine("DiT-tiny", coarse_tokens=2, coarse_time=0.6))
+    noise, _, labels = inputs(model)
+    to_coefficients = model.frequency_layout.to_tokens
+    for steps, tolerance in ((8, 2e-2), (64, 3e-3)):
+        times = torch.linspace(1.0, 0.6, steps + 1)
+        x = noise
+        with torch.no_grad():
+            for t, t_next in zip(times[:-1], times[1:]):
+                x = x + (t_next - t) * model(x, t.item(), labels).sample
+        scale = to_coefficients(x)[..., 8:] / to_coefficients(noise)[..., 8:]
+        assert (scale - (0.6**2 + 0.4**2) ** 0.5).abs().max() < tolerance, steps
+    assert (to_coefficients(x)[..., :8] - to_coefficients(noise)[..., :8]).abs().mean() > 1e-2  # generated
+
+
+def test_coarse_to_fine_trains_both_stages_in_one_batch():
+    model = coarse_to_fine("DiT-tiny", coarse_tokens=2).train()
+    sample, _, labels = inputs(model, batch=4)
+    timestep = torch.tensor([0.9, 0.2, 0.6, 0.4])
+    model(sample, timestep, labels).sample.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_coarse_to_fine_validation():
+    for bad in (0, 16):
+        with pytest.raises(ValueError, match=f"coarse_tokens must lie in \\[1, 16\\) frequency tokens; got {bad}"):
+            coarse_to_fine("DiT-tiny", coarse_tokens=bad)
+    with pytest.raises(ValueError, match="coarse_tokens=4 needs frequency_tokens"):
+        UAEDiT.from_preset("DiT-tiny", **TINY, coarse_tokens=4)
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match=f"coarse_time must lie in \\(0, 1\\); got {bad}"):
+            coarse_to_fine("DiT-tiny", coarse_tokens=4, coarse_time=bad)
+    with pytest.raises(ValueError, match="coarse_tokens switches on one time t; it cannot take 4 band times"):
+        coarse_to_fine("DiT-tiny", coarse_tokens=4, num_time_embeddings=4)

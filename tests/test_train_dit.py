@@ -351,6 +351,25 @@ def test_sample_prediction_trains_and_samples(data, tmp_path):
         train_dit.parse_args(tiny_args(data, out, "--prediction_type", "epsilon"))
 
 
+def test_coarse_to_fine_trains_and_samples(data, tmp_path):
+    out = tmp_path / "coarse-to-fine"
+    summary = train_dit.main(train_dit.parse_args(tiny_args(
+        data, out, "--max_train_steps", "6", "--logging_steps", "1", "--coarse_tokens", "4", "--coarse_time", "0.6")))
+    curve = [loss for _, loss in summary["loss"]["curve"]]
+    assert curve[-1] < curve[0]
+    pipe = UAEDiTPipeline.from_pretrained(out / "pipeline")
+    config = pipe.transformer.config
+    assert (config.coarse_tokens, config.coarse_time, config.frequency_tokens) == (4, 0.6, 64)
+    seen = []
+    pipe.transformer.blocks[0].register_forward_hook(lambda module, args, output: seen.append(output.shape[1]))
+    latents = pipe(class_labels=[0, 3], num_inference_steps=5, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    assert latents.shape == (2, pipe.vae.latent_channels, *pipe.vae.latent_size) and torch.isfinite(latents).all()
+    assert 4 in seen and 16 in seen  # the early steps on 4 tokens, the late ones on all 16
+    with pytest.raises(ValueError, match="--coarse_tokens needs one clock .* got --band_stagger 0.3"):
+        train_dit.parse_args(spatial_args(data, out, "--coarse_tokens", "4", "--band_stagger", "0.3"))
+
+
 HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__")
 
 

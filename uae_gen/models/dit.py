@@ -7,6 +7,13 @@ returns the velocity eps - x with the input's shape. Its last layer predicts tha
 holds all of the noise, which a network cannot carry through when a token holds more values than its width (as
 with several coefficients_per_token).
 
+Coarse to fine (`coarse_tokens`, frequency-token models): while t > `coarse_time` the network runs on the first
+`coarse_tokens` tokens only; the coefficients after them are not generated yet and stay noise, scaled along the
+flow's marginal standard deviation for a unit-variance coefficient, sqrt(t^2 + (1 - t)^2), so at coarse_time they
+join the sequence with the variance they would have (Pyramidal Flow's stage jump and re-noising; in DCT
+coordinates the coarse latent is a subset of the fine one, so nothing is resampled). The early, noisy steps then
+cost what a model on coarse_tokens tokens costs, in training and in sampling.
+
 Two shapes of one class, chosen by `head_depth`:
 - plain DiT (head_depth=0): patch embed (+ fixed 2-D sin-cos pos-embed) -> adaLN-Zero blocks conditioned on
   c = t_emb + y_emb -> final layer.
@@ -75,6 +82,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).to(x.dtype)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
+
+
+def pending_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Velocity of noise x = sigma(t) * eps with sigma(t) = sqrt(t^2 + (1 - t)^2), the flow's standard deviation at t
+    for a unit-variance coefficient: x * d(log sigma)/dt."""
+    return x * (2 * t - 1) / (t.square() + (1 - t).square())
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
@@ -290,6 +303,8 @@ class UAEDiT(ModelMixin, ConfigMixin):
         coefficients_per_token: int = 1,
         num_time_embeddings: int = 1,
         prediction_type: str = "velocity",
+        coarse_tokens: int | None = None,
+        coarse_time: float = 0.5,
     ):
         super().__init__()
         check_attention_backend(attention_backend)
@@ -323,6 +338,16 @@ class UAEDiT(ModelMixin, ConfigMixin):
         if frequency_tokens is not None and frequency_tokens % coefficients_per_token:
             raise ValueError(f"frequency_tokens={frequency_tokens} is not divisible by coefficients_per_token="
                              f"{coefficients_per_token}")
+        if coarse_tokens is not None:
+            num_tokens = None if frequency_tokens is None else frequency_tokens // coefficients_per_token
+            if num_tokens is None or not 1 <= coarse_tokens < num_tokens:
+                raise ValueError(f"coarse_tokens must lie in [1, {num_tokens}) frequency tokens; got {coarse_tokens}"
+                                 if num_tokens else f"coarse_tokens={coarse_tokens} needs frequency_tokens")
+            if not 0.0 < coarse_time < 1.0:
+                raise ValueError(f"coarse_time must lie in (0, 1); got {coarse_time}")
+            if num_time_embeddings != 1:
+                raise ValueError(f"coarse_tokens switches on one time t; it cannot take {num_time_embeddings} band "
+                                 "times")
         if use_pos_embed and hidden_size % 4:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by 4 for the 2-D sin-cos pos-embed")
         self.gradient_checkpointing = False
@@ -404,32 +429,58 @@ class UAEDiT(ModelMixin, ConfigMixin):
         Returns the velocity eps - x, shaped like `sample`.
 
         Only shapes and dtypes are checked here: a check of label values would make the host wait for the device on
-        every step, so callers (the pipeline) validate labels once."""
+        every step, so callers (the pipeline) validate labels once. A coarse-to-fine model does read on the host
+        which rows are past coarse_time (their sequences differ in length)."""
         timestep, class_labels = self._check_inputs(sample, timestep, class_labels)
+        if self.config.coarse_tokens is None:
+            velocity = self._velocity(sample, timestep, class_labels)
+        else:
+            coarse = timestep > self.config.coarse_time
+            if coarse.all():  # a sampler step: one time for the batch
+                velocity = self._velocity(sample, timestep, class_labels, self.config.coarse_tokens)
+            elif not coarse.any():
+                velocity = self._velocity(sample, timestep, class_labels)
+            else:  # a training batch with times on both sides: each part at its own token count, then back in order
+                parts = [coarse.nonzero().squeeze(1), (~coarse).nonzero().squeeze(1)]
+                velocity = torch.cat([self._velocity(sample[rows], timestep[rows], class_labels[rows], tokens)
+                                      for rows, tokens in zip(parts, (self.config.coarse_tokens, None))])
+                velocity = velocity[torch.cat(parts).argsort()]
+        return Transformer2DModelOutput(sample=velocity) if return_dict else (velocity,)
+
+    def _velocity(self, sample, timestep, class_labels, num_tokens: int | None = None) -> torch.Tensor:
+        """The velocity from the network run on all tokens, or on the first `num_tokens` frequency tokens."""
         t_emb = self.t_embedder(timestep)
         cond = t_emb + self.y_embedder(class_labels)
         if self.has_head:
             cond = F.silu(cond)  # official DiT^DH: the trunk sees SiLU(t + y), then the usual adaLN SiLU again
         cond = F.silu(cond[:, None])  # the adaLN input activation, shared by all blocks and the final layer
-        tokens = self._embed_patches(self.x_embedder, sample)
+        tokens = self._embed_patches(self.x_embedder, sample, num_tokens)
         if self.config.use_pos_embed:
-            tokens = tokens + self.pos_embed
-        tokens = self._run_blocks(self.blocks, tokens, cond, self._rope("trunk"))
+            tokens = tokens + self.pos_embed[:, :num_tokens]
+        tokens = self._run_blocks(self.blocks, tokens, cond, self._rope("trunk", num_tokens))
         if self.has_head:
             # The trunk's output (plus time) becomes a per-token condition for the head, which re-embeds x_t.
             cond = F.silu(self.head_cond_proj(F.silu(tokens + t_emb[:, None])))
-            tokens = self._embed_patches(self.head_x_embedder, sample)
-            tokens = self._run_blocks(self.head_blocks, tokens, cond, self._rope("head"))
-        velocity = self._unpatchify(self.final_layer(tokens, cond))
-        if self.config.prediction_type == "sample":  # the network predicted x: v = (x_t - x) / t
-            velocity = self._velocity_from_sample(sample, velocity, timestep)
-        return Transformer2DModelOutput(sample=velocity) if return_dict else (velocity,)
+            tokens = self._embed_patches(self.head_x_embedder, sample, num_tokens)
+            tokens = self._run_blocks(self.head_blocks, tokens, cond, self._rope("head", num_tokens))
+        prediction = self.final_layer(tokens, cond)
+        if self.frequency_layout is None:
+            return self._to_velocity(sample, self._unpatchify(prediction), timestep)
+        # Frequency tokens: the velocity of the coefficients the model sees, in the low-pass subspace.
+        noisy, predicted = self.frequency_layout.to_tokens(sample), self._coefficients(prediction)
+        count = predicted.shape[-1]
+        velocity = self._to_velocity(noisy[..., :count], predicted, timestep)
+        if count < noisy.shape[-1]:  # the coarse stage: the coefficients not generated yet follow pending_velocity
+            pending = pending_velocity(noisy[..., count:], timestep.reshape(-1, 1, 1))
+            velocity = torch.cat([velocity, pending.to(velocity.dtype)], -1)
+        return self.frequency_layout.from_tokens(velocity)
 
-    def _velocity_from_sample(self, sample, clean, timestep) -> torch.Tensor:
-        if self.frequency_layout is not None:  # the velocity stays in the low-pass subspace the model sees
-            sample = self.frequency_layout.from_tokens(self.frequency_layout.to_tokens(sample))
-        t = timestep.float().clamp(min=SAMPLE_PREDICTION_MIN_TIME).reshape(-1, 1, 1, 1)
-        return ((sample.float() - clean.float()) / t).to(clean.dtype)
+    def _to_velocity(self, noisy, prediction, timestep) -> torch.Tensor:
+        if self.config.prediction_type == "velocity":
+            return prediction
+        # the network predicted x: v = (x_t - x) / t
+        t = timestep.float().clamp(min=SAMPLE_PREDICTION_MIN_TIME).reshape(-1, *[1] * (noisy.ndim - 1))
+        return ((noisy.float() - prediction.float()) / t).to(prediction.dtype)
 
     def _check_inputs(self, sample, timestep, class_labels) -> tuple[torch.Tensor, torch.Tensor]:
         config = self.config
@@ -457,8 +508,10 @@ class UAEDiT(ModelMixin, ConfigMixin):
                              f"{tuple(class_labels.shape)}")
         return timestep, class_labels
 
-    def _rope(self, name: str):
-        return (getattr(self, f"{name}_rope_cos"), getattr(self, f"{name}_rope_sin")) if self.config.use_rope else None
+    def _rope(self, name: str, num_tokens: int | None = None):
+        if not self.config.use_rope:
+            return None
+        return getattr(self, f"{name}_rope_cos")[:num_tokens], getattr(self, f"{name}_rope_sin")[:num_tokens]
 
     def _run_blocks(self, blocks: nn.ModuleList, tokens, cond, rope) -> torch.Tensor:
         for block in blocks:
@@ -468,19 +521,22 @@ class UAEDiT(ModelMixin, ConfigMixin):
                 tokens = block(tokens, cond, rope)
         return tokens
 
-    def _embed_patches(self, embedder: nn.Conv2d, sample: torch.Tensor) -> torch.Tensor:
+    def _embed_patches(self, embedder: nn.Conv2d, sample: torch.Tensor, num_tokens: int | None = None):
         # (B, N, D), tokens in row-major order (or zig-zag order of frequency). Contiguous: the residual stream keeps
         # the layout of its first tensor, and a transposed one would make every LayerNorm and Linear copy it again.
         if self.frequency_layout is not None:
-            sample = self.frequency_layout.to_tokens(sample).unsqueeze(-2)  # (B, C, 1, N): a (1, G) patch per token
+            coefficients = self.frequency_layout.to_tokens(sample)
+            if num_tokens is not None:
+                coefficients = coefficients[..., :num_tokens * self.config.coefficients_per_token]
+            sample = coefficients.unsqueeze(-2)  # (B, C, 1, N): a (1, G) patch per token
         return embedder(sample).flatten(2).transpose(1, 2).contiguous()
 
+    def _coefficients(self, tokens: torch.Tensor) -> torch.Tensor:
+        # Each frequency token holds (G, C): its G coefficients of every channel. (B, N, G*C) -> (B, C, N*G) in
+        # zig-zag order.
+        return tokens.reshape(tokens.shape[0], -1, self.config.in_channels).transpose(1, 2)
+
     def _unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.frequency_layout is not None:
-            # Each token holds (G, C): its G coefficients of every channel, back in zig-zag order.
-            batch, num_tokens = tokens.shape[:2]
-            coefficients = tokens.reshape(batch, num_tokens, self.config.coefficients_per_token, -1).permute(0, 3, 1, 2)
-            return self.frequency_layout.from_tokens(coefficients.reshape(batch, self.config.in_channels, -1))
         # Each token holds a (p, p, C) patch, as in DiT and the official RAE code.
         p, channels = self.config.patch_size, self.config.in_channels
         grid = self.config.sample_size // p

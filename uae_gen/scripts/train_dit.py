@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         "coefficients, e.g. 36@0 49@2000 64@4000; the first stage starts at 0 and the last N is --latent_lowpass")
     add("--coefficients_per_token", type=int, default=1,
         help="with --frequency_tokens: G consecutive zig-zag coefficients per token (N/G tokens)")
+    add("--coarse_tokens", type=int, help="with --frequency_tokens: coarse to fine, the DiT runs on the first M tokens "
+        "while t > --coarse_time (the finer coefficients stay noise until then)")
+    add("--coarse_time", type=float, default=0.5, help="where the coarse stage hands over to all tokens (1 = noise)")
     # validation: a sample grid of the EMA model every --validation_steps
     add("--num_validation_images", type=int, default=16)
     add("--validation_num_inference_steps", type=int, default=25)
@@ -170,6 +173,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.coefficients_per_token < 1 or (args.coefficients_per_token > 1 and not args.frequency_tokens):
         raise ValueError(f"--coefficients_per_token must be >= 1, and above 1 only with --frequency_tokens; got "
                          f"{args.coefficients_per_token}")
+    if args.coarse_tokens is not None and args.band_stagger > 0:
+        raise ValueError(f"--coarse_tokens needs one clock for the whole latent; got --band_stagger "
+                         f"{args.band_stagger}")
     for name in ("num_validation_images", "validation_num_inference_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -269,7 +275,8 @@ def make_transformer(args, vae: AutoencoderUAE, num_classes: int, num_model_time
                               num_classes=num_classes, class_dropout_prob=args.class_dropout_prob,
                               frequency_tokens=args.latent_lowpass if args.frequency_tokens else None,
                               coefficients_per_token=args.coefficients_per_token,
-                              num_time_embeddings=num_model_times, prediction_type=args.prediction_type)
+                              num_time_embeddings=num_model_times, prediction_type=args.prediction_type,
+                              coarse_tokens=args.coarse_tokens, coarse_time=args.coarse_time)
 
 
 @torch.no_grad()
