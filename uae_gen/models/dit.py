@@ -467,8 +467,11 @@ class UAEDiT(ModelMixin, ConfigMixin):
         if self.frequency_layout is None:
             return self._to_velocity(sample, self._unpatchify(prediction), timestep)
         # Frequency tokens: the velocity of the coefficients the model sees, in the low-pass subspace.
-        noisy, predicted = self.frequency_layout.to_tokens(sample), self._coefficients(prediction)
+        predicted = self._coefficients(prediction)
         count = predicted.shape[-1]
+        if self.config.prediction_type == "velocity" and count == self.frequency_layout.num_tokens:
+            return self.frequency_layout.from_tokens(predicted)  # all coefficients predicted, x_t not needed
+        noisy = self.frequency_layout.to_tokens(sample)
         velocity = self._to_velocity(noisy[..., :count], predicted, timestep)
         if count < noisy.shape[-1]:  # the coarse stage: the coefficients not generated yet follow pending_velocity
             pending = pending_velocity(noisy[..., count:], timestep.reshape(-1, 1, 1))
