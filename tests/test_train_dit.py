@@ -367,7 +367,10 @@ def test_coarse_to_fine_trains_and_samples(data, tmp_path):
     assert latents.shape == (2, pipe.vae.latent_channels, *pipe.vae.latent_size) and torch.isfinite(latents).all()
     assert 4 in seen and 16 in seen  # the early steps on 4 tokens, the late ones on all 16
     with pytest.raises(ValueError, match="--coarse_tokens needs one clock .* got --band_stagger 0.3"):
-        train_dit.parse_args(spatial_args(data, out, "--coarse_tokens", "4", "--band_stagger", "0.3"))
+        train_dit.parse_args(tiny_args(data, out, "--coarse_tokens", "4", "--band_stagger", "0.3"))
+    with pytest.raises(ValueError, match="--coarse_tokens 4 runs the DiT on fewer frequency tokens: it needs "
+                                         "--frequency_tokens"):
+        train_dit.parse_args(spatial_args(data, out, "--coarse_tokens", "4"))
 
 
 HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__")

@@ -173,6 +173,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.coefficients_per_token < 1 or (args.coefficients_per_token > 1 and not args.frequency_tokens):
         raise ValueError(f"--coefficients_per_token must be >= 1, and above 1 only with --frequency_tokens; got "
                          f"{args.coefficients_per_token}")
+    if args.coarse_tokens is not None and not args.frequency_tokens:
+        raise ValueError(f"--coarse_tokens {args.coarse_tokens} runs the DiT on fewer frequency tokens: it needs "
+                         "--frequency_tokens")
     if args.coarse_tokens is not None and args.band_stagger > 0:
         raise ValueError(f"--coarse_tokens needs one clock for the whole latent; got --band_stagger "
                          f"{args.band_stagger}")
