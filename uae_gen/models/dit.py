@@ -339,10 +339,11 @@ class UAEDiT(ModelMixin, ConfigMixin):
             raise ValueError(f"frequency_tokens={frequency_tokens} is not divisible by coefficients_per_token="
                              f"{coefficients_per_token}")
         if coarse_tokens is not None:
-            num_tokens = None if frequency_tokens is None else frequency_tokens // coefficients_per_token
-            if num_tokens is None or not 1 <= coarse_tokens < num_tokens:
-                raise ValueError(f"coarse_tokens must lie in [1, {num_tokens}) frequency tokens; got {coarse_tokens}"
-                                 if num_tokens else f"coarse_tokens={coarse_tokens} needs frequency_tokens")
+            if frequency_tokens is None:
+                raise ValueError(f"coarse_tokens={coarse_tokens} needs frequency_tokens")
+            num_tokens = frequency_tokens // coefficients_per_token
+            if not 1 <= coarse_tokens < num_tokens:
+                raise ValueError(f"coarse_tokens must lie in [1, {num_tokens}) frequency tokens; got {coarse_tokens}")
             if not 0.0 < coarse_time < 1.0:
                 raise ValueError(f"coarse_time must lie in (0, 1); got {coarse_time}")
             if num_time_embeddings != 1:
