@@ -24,11 +24,12 @@ Rows c and d share their stage-1 run (same seed and configuration). There is no 
 makes a step about 8x the cost of a stage-1 step on the CPU.
 
 Generation ("gen", on row d's latent or --latent_cache): uniform flow matching against low-to-high generators
-(GENERATION_ROWS: compressed or shifted band clocks, the frequency-limited latent, frequency tokens), each trained
-for the same wall-clock time (uniform's steps x the step-time ratio, timed side by side in this process) for every
-seed of --generation_seeds, checkpointed every quarter; each picks its CFG scale and guidance interval on GUIDANCE_GRID,
-then is scored at every NFE of NFE_GRID and at every checkpoint (generation.png: the curves). A rerun in the same
---out_dir reuses the generators trained there (work/generation_steps.json keeps their budgets) and scores them anew.
+(GENERATION_ROWS: compressed or shifted band clocks, the frequency-limited latent and its curriculum, frequency
+tokens), each trained for the same wall-clock time (uniform's steps x the step-time ratio, timed side by side in this
+process) for every seed of --generation_seeds, checkpointed every quarter; each picks its CFG scale and guidance
+interval on GUIDANCE_GRID, then is scored at every NFE of NFE_GRID and at every checkpoint (generation.png: the
+curves). A rerun in the same --out_dir reuses the generators trained there (work/generation_steps.json keeps their
+budgets) and scores them anew.
 
     python eval/ablation.py --rows gen --latent_cache uae_gen_demo/work/latents --generation_seeds 0 1 2 \
         --generation_rows uniform freq64x2 freq64x4
@@ -269,11 +270,18 @@ def tokenizer_scores(vae: AutoencoderUAE, train, heldout, judges: JudgePanel) ->
 
 @dataclass(frozen=True)
 class GenerationRow:
-    """One generator of the study: its train_dit flags on top of the dit_tiny preset."""
+    """One generator of the study: its train_dit flags on top of the dit_tiny preset, and optionally a
+    --lowpass_schedule curriculum given as (N, fraction of the step budget at which stage N starts)."""
 
     key: str
     flags: tuple
     note: str
+    curriculum: tuple = ()
+
+    def train_flags(self, steps: int) -> tuple:
+        """The flags for a run of `steps` steps: the curriculum's stages at their fraction of it."""
+        stages = tuple(f"{count}@{round(fraction * steps)}" for count, fraction in self.curriculum)
+        return (*self.flags, "--lowpass_schedule", *stages) if stages else self.flags
 
 
 # dit_tiny runs on frequency tokens; the spatial rows turn that off and learn the whole 8x8 latent, one token per cell.
@@ -291,6 +299,10 @@ GENERATION_ROWS = (
     GenerationRow("lowpass32", ("--latent_lowpass", 32, "--frequency_tokens", "--coefficients_per_token", 1),
                   "the UAE v2 frequency-limited latent: the first 32 of the 64 zig-zag DCT coefficients per channel, "
                   "one token each (32 tokens)"),
+    GenerationRow("lowpass-curriculum", ("--latent_lowpass", 64, *SPATIAL[2:]),
+                  "the UAE v2 curriculum on the spatial DiT: the first 36 zig-zag DCT coefficients per channel for "
+                  "the first quarter of the budget, 49 for the second, then all 64 (64 tokens)",
+                  curriculum=((36, 0.0), (49, 0.25), (64, 0.5))),
     GenerationRow("freq64x2", ("--latent_lowpass", 64, "--frequency_tokens", "--coefficients_per_token", 2),
                   "the whole DCT spectrum in zig-zag order, two neighbouring coefficients per token: 32 tokens "
                   "ordered from low to high frequency"),
@@ -392,14 +404,14 @@ def generation_rows(out: Path, latent_cache: Path, keys: list[str], steps: dict,
         # a whole number of quarters, so that the last checkpoint is the final step
         every = max(1, round(n / len(CHECKPOINT_FRACTIONS)))
         n = every * len(CHECKPOINT_FRACTIONS)
-        record = {"key": row.key, "flags": list(row.flags), "note": row.note, "dit_steps": n,
+        record = {"key": row.key, "flags": list(row.train_flags(n)), "note": row.note, "dit_steps": n,
                   "checkpoint_steps": [every * (i + 1) for i in range(len(CHECKPOINT_FRACTIONS) - 1)] + [n],
                   "train_step_ms": step_seconds[row.key] * 1000,
                   "train_step_ratio": step_seconds[row.key] / uniform_seconds, "runs": []}
         for seed in seeds:
             dit_dir = out / "work" / f"dit-{row.key}-s{seed}"
             if not is_trained(dit_dir, n, seed):
-                shared.train_dit(latent_cache, dit_dir, n, seed, flags=row.flags, checkpointing_steps=every)
+                shared.train_dit(latent_cache, dit_dir, n, seed, flags=row.train_flags(n), checkpointing_steps=every)
             record["runs"].append({"seed": seed, "dir": dit_dir.relative_to(out).as_posix(),
                                    "wall_s": round(shared.read_summary(dit_dir)["seconds"], 1), "scores": []})
         results.append(record)
@@ -860,6 +872,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown or len(set(args.generation_rows)) != len(args.generation_rows) or args.generation_rows[0] != "uniform":
         raise ValueError(f"--generation_rows must be 'uniform' then distinct generators of "
                          f"{list(GENERATION_BY_KEY)[1:]}; got {args.generation_rows}")
+    staged = [key for key in args.generation_rows if GENERATION_BY_KEY[key].curriculum]
+    if args.preset == "imagenet256" and staged:
+        raise ValueError(f"--generation_rows {staged} have no ImageNet command: their curriculum stages are fractions "
+                         "of this study's step budget, and the ImageNet runs are counted in epochs")
     if args.latent_cache is not None and not os.path.isfile(os.path.join(args.latent_cache, "cache_info.json")):
         raise FileNotFoundError(f"--latent_cache {args.latent_cache!r} holds no latent cache (cache_info.json)")
     step_counts(args.minutes)  # a bad budget fails here, before any training

@@ -29,6 +29,7 @@ from uae_gen import AutoencoderUAE
 from uae_gen.data import load_demo_digits
 from uae_gen.demo_classifiers import Judge, accuracy, classifier_features, predict, train_classifier
 from uae_gen.metrics import frechet_distance_from_features
+from uae_gen.scripts import train_dit as train_dit_script
 from uae_gen.training.image_grid import CAPTION_HEIGHT, GRID_PADDING
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +89,7 @@ def test_step_counts_scale_split_and_clamp():
     (["--rows", "a", "gen"], "'d'"), (["--rows", "a", "z"], "unknown rows"),
     (["--generation_rows", "freq64x2", "uniform"], "must be 'uniform' then"),
     (["--generation_rows", "uniform", "nope"], "must be 'uniform' then"),
+    (["--preset", "imagenet256", "--generation_rows", "uniform", "lowpass-curriculum"], "no ImageNet command"),
 ])
 def test_bad_arguments_fail_before_training(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -293,6 +295,17 @@ def test_a_rerun_in_the_same_directory_rescores_without_retraining(study, tmp_pa
     assert ablation.is_trained(uniform_dir, steps, SEED)
     assert not ablation.is_trained(uniform_dir, steps + 4, SEED)  # another budget or seed retrains
     assert not ablation.is_trained(uniform_dir, steps, SEED + 1)
+
+
+def test_a_curriculum_row_places_its_stages_at_fractions_of_the_budget():
+    row = ablation.GENERATION_BY_KEY["lowpass-curriculum"]
+    flags = row.train_flags(1100)
+    assert flags[:len(row.flags)] == row.flags
+    assert flags[len(row.flags):] == ("--lowpass_schedule", "36@0", "49@275", "64@550")
+    args = train_dit_script.parse_args(["--config", "dit_tiny", "--latent_cache", "unread", *map(str, flags)])
+    assert args.lowpass_schedule == [(0, 36), (275, 49), (550, 64)] and args.latent_lowpass == 64
+    assert not args.frequency_tokens and args.coefficients_per_token == 1
+    assert ablation.GENERATION_BY_KEY["uniform"].train_flags(1100) == ablation.GENERATION_BY_KEY["uniform"].flags
 
 
 def test_a_new_generator_is_timed_against_uniform_without_moving_the_stored_budgets(tmp_path, monkeypatch):
