@@ -90,6 +90,7 @@ def test_step_counts_scale_split_and_clamp():
     (["--generation_rows", "freq64x2", "uniform"], "must be 'uniform' then"),
     (["--generation_rows", "uniform", "nope"], "must be 'uniform' then"),
     (["--preset", "imagenet256", "--generation_rows", "uniform", "lowpass-curriculum"], "no ImageNet command"),
+    (["--preset", "imagenet256", "--generation_rows", "uniform", "freq64x4-shift2"], "shift follows its dimension"),
 ])
 def test_bad_arguments_fail_before_training(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -212,6 +213,26 @@ def test_band_count_sweep_table_and_claim(study, k8_psnr_offset, stable):
     sweep_table = markdown_tables(ablation.markdown_report({**swept, "claims": claims}))[1]
     assert [(cells["row"], cells["K"]) for cells in sweep_table] == [("k2", "2"), ("d", "4"), ("k8", "8")]
     assert sweep_table[2]["PSNR (dB)"] == format(d["heldout_psnr"] + k8_psnr_offset, ".2f")
+
+
+def test_the_generation_claim_pits_the_best_low_to_high_row_against_the_best_uniform_row(study):
+    _, _, result = study
+    shifted = copy.deepcopy(result)
+    uniform = next(row for row in shifted["generation_rows"] if row["key"] == "uniform")
+    freq = next(row for row in result["generation_rows"] if row["key"] == "freq64x2")
+    freq_fid = freq["summary"]["nfe25"]["judge_fid"]
+    better_baseline = copy.deepcopy(uniform)  # a uniform baseline at another time shift, far better than any row
+    better_baseline["key"] = "uniform-shift2"
+    better_baseline["summary"]["nfe25"]["judge_fid"][0] = 0.5
+    shifted["generation_rows"].append(better_baseline)
+    assert ablation.paper_claims(result)[-1]["this_run"].startswith("freq64x2 vs uniform: ")
+    claim = ablation.paper_claims(shifted)[-1]
+    assert claim["claim"].startswith("the best low-to-high row beats uniform")
+    # uniform-shift2 is no low-to-high candidate: it is the baseline, being the better uniform row
+    assert claim["this_run"].startswith("freq64x2 vs uniform-shift2: ")
+    assert f"judge-FID {freq_fid[0]:.1f} vs 0.5 " in claim["this_run"] and claim["reproduced"] != "yes"
+    only_baselines = {**shifted, "generation_rows": [uniform, better_baseline]}
+    assert not any(c["claim"].startswith("the best low-to-high") for c in ablation.paper_claims(only_baselines))
 
 
 def test_png_has_the_originals_then_one_labelled_row_per_tokenizer_row(study):
