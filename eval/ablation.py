@@ -705,10 +705,10 @@ def save_generation_curves(rows: list[dict], per_class: int, path: Path) -> None
         axis.set_xlabel("fraction of the DiT training-time budget")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-    axes[0].legend()
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")  # outside: rows cross
     figure.tight_layout()
     temp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temp, dpi=100)
+    figure.savefig(temp, dpi=100, bbox_inches="tight")  # keeps the legend
     plt.close(figure)
     os.replace(temp, path)
 
