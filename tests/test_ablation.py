@@ -294,6 +294,7 @@ def test_generators_are_trained_and_checkpointed_as_labelled(study):
         assert trained["global_step"] == row["dit_steps"] and trained["args"]["seed"] == SEED
         assert (scheduler["band_stagger"], transformer["frequency_tokens"],
                 transformer["coefficients_per_token"]) == expected[row["key"]]
+        assert scheduler["latent_dim"] == 64 * 8 * 8  # the dimension rule (shift 1), not dit_tiny's shift 2
         assert json.loads((run_dir / "pipeline" / "vae" / "config.json").read_text())["num_bands"] == 4  # d's
         assert sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*")) == row["checkpoint_steps"]
 
@@ -322,11 +323,23 @@ def test_a_curriculum_row_places_its_stages_at_fractions_of_the_budget():
     row = ablation.GENERATION_BY_KEY["lowpass-curriculum"]
     flags = row.train_flags(1100)
     assert flags[:len(row.flags)] == row.flags
-    assert flags[len(row.flags):] == ("--lowpass_schedule", "36@0", "49@275", "64@550")
+    assert flags[len(row.flags):] == ("--time_shift", "auto", "--lowpass_schedule", "36@0", "49@275", "64@550")
     args = train_dit_script.parse_args(["--config", "dit_tiny", "--latent_cache", "unread", *map(str, flags)])
     assert args.lowpass_schedule == [(0, 36), (275, 49), (550, 64)] and args.latent_lowpass == 64
     assert not args.frequency_tokens and args.coefficients_per_token == 1
-    assert ablation.GENERATION_BY_KEY["uniform"].train_flags(1100) == ablation.GENERATION_BY_KEY["uniform"].flags
+    uniform = ablation.GENERATION_BY_KEY["uniform"]
+    assert uniform.train_flags(1100) == (*uniform.flags, "--time_shift", "auto")
+
+
+def test_the_study_runs_at_the_dimension_rule_unless_a_row_says_otherwise():
+    # dit_tiny's own shift is the tuned one; the study's rows keep the dimension rule they were measured at.
+    def shift(key):
+        flags = ablation.GENERATION_BY_KEY[key].train_flags(1100)
+        return train_dit_script.parse_args(["--config", "dit_tiny", "--latent_cache", "c", *map(str, flags)]).time_shift
+
+    assert train_dit_script.parse_args(["--config", "dit_tiny", "--latent_cache", "c"]).time_shift == 2.0
+    assert [shift(key) for key in ("uniform", "freq64x2", "freq64x4", "progressive")] == ["auto"] * 4
+    assert shift("uniform-shift2") == shift("freq64x4-shift2") == ablation.TUNED_TIME_SHIFT == 2.0
 
 
 def test_a_new_generator_is_timed_against_uniform_without_moving_the_stored_budgets(tmp_path, monkeypatch):

@@ -169,7 +169,7 @@ def test_final_pipeline_loads_and_samples_with_the_ema_weights(data, trained):
     output_dir, _ = trained
     assert unreadable_entries(output_dir) == []  # pipeline, checkpoints, grids: all readable by other users
     pipe = UAEDiTPipeline.from_pretrained(output_dir / "pipeline")
-    assert pipe.id2label[7] == "digit 7" and pipe.scheduler.config.latent_dim == 64 * 8 * 8
+    assert pipe.id2label[7] == "digit 7" and pipe.scheduler.time_shift == 2.0  # dit_tiny's, not the dimension rule
     # dit_tiny: all 64 DCT coefficients of the 8x8 latent, four per token (16 tokens).
     assert (pipe.transformer.config.frequency_tokens, pipe.transformer.config.coefficients_per_token) == (64, 4)
     assert_same_weights(pipe.transformer.state_dict(),
