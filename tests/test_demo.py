@@ -298,6 +298,7 @@ def test_minimal_demo_writes_every_output(tmp_path, monkeypatch, capsys):
     assert dit["global_step"] == metrics["steps"]["dit"]
     assert dit["args"]["mixed_precision"] == metrics["dit_mixed_precision"]
     assert (dit["args"]["frequency_tokens"], dit["args"]["coefficients_per_token"]) == (True, 2)  # DIT_FLAGS
+    assert dit["time_shift"] == 2.0 and metrics["guidance_interval"] == [0.2, 0.85]  # dit_tiny's shift, the demo's CFG
 
     for name in ("samples.png", "bands.png", "reconstructions.png"):
         with Image.open(out / name) as image:
