@@ -329,6 +329,9 @@ GENERATION_ROWS = (
     GenerationRow("freq64x4-shift2", ("--latent_lowpass", 64, "--frequency_tokens", "--coefficients_per_token", 4),
                   f"as freq64x4 with time shift {TUNED_TIME_SHIFT}, dit_tiny's default (compare with uniform-shift2)",
                   time_shift=TUNED_TIME_SHIFT),
+    GenerationRow("freq64x2-shift2", ("--latent_lowpass", 64, "--frequency_tokens", "--coefficients_per_token", 2),
+                  f"as freq64x2 with time shift {TUNED_TIME_SHIFT}: the demo's layout (compare with uniform-shift2)",
+                  time_shift=TUNED_TIME_SHIFT),
 )
 GENERATION_BY_KEY = {row.key: row for row in GENERATION_ROWS}
 DEFAULT_GENERATION_ROWS = ("uniform", "freq64x2", "freq64x4")
