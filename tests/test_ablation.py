@@ -339,7 +339,8 @@ def test_the_study_runs_at_the_dimension_rule_unless_a_row_says_otherwise():
 
     assert train_dit_script.parse_args(["--config", "dit_tiny", "--latent_cache", "c"]).time_shift == 2.0
     assert [shift(key) for key in ("uniform", "freq64x2", "freq64x4", "progressive")] == ["auto"] * 4
-    assert [shift(key) for key in ("uniform-shift2", "freq64x2-shift2", "freq64x4-shift2")] == [2.0] * 3
+    shift2 = ("uniform-shift2", "freq64x2-shift2", "freq64x4-shift2", "freq64x4-shift2-b64", "freq64x4-shift2-b128")
+    assert [shift(key) for key in shift2] == [2.0] * 5
     assert ablation.TUNED_TIME_SHIFT == 2.0
 
 
@@ -360,6 +361,26 @@ def test_a_new_generator_is_timed_against_uniform_without_moving_the_stored_budg
     assert seconds == pytest.approx({"uniform": 0.25, "freq64x2": 0.14, "freq64x4-x": 0.1})
     assert json.loads((tmp_path / "work" / "generation_steps.json").read_text()) == pytest.approx(seconds)
     assert ablation.generation_step_seconds(tmp_path, rows, tmp_path / "cache", 10) == seconds and len(timed) == 1
+
+
+def test_each_generator_is_timed_with_its_own_batch(study, monkeypatch):
+    # The batch rows spend the 16 tokens' cheaper step on more samples per step: their budget must come from a step
+    # of their own batch, not the preset's 32.
+    out, _, _ = study
+    batches = {}
+    make_transformer = ablation.train_dit_script.make_transformer
+
+    def recording(args, *rest):
+        model = make_transformer(args, *rest)
+        key = f"b{args.train_batch_size}-{args.coefficients_per_token}"
+        model.register_forward_pre_hook(lambda module, inputs: batches.setdefault(key, set()).add(len(inputs[0])))
+        return model
+
+    monkeypatch.setattr(ablation.train_dit_script, "make_transformer", recording)
+    rows = [ablation.GENERATION_BY_KEY[key] for key in ("uniform", "freq64x4-shift2-b64", "freq64x4-shift2-b128")]
+    seconds = ablation.dit_step_seconds(rows, out / "work" / "latents-d", 10)
+    assert batches == {"b32-1": {32}, "b64-4": {64}, "b128-4": {128}}
+    assert set(seconds) == {row.key for row in rows} and all(value > 0 for value in seconds.values())
 
 
 def test_imagenet256_preset_prints_accepted_commands_for_every_row(tmp_path, monkeypatch, capsys):
