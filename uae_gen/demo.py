@@ -319,6 +319,10 @@ def run_demo(out_dir: str = "uae_gen_demo", minutes: float = DEFAULT_MINUTES, se
 
     train, heldout, teacher, teacher_file, judge = train_teacher_and_judge(work, steps, seed, timer,
                                                                            splits=(train, heldout))
+    # The plan again with the time left: a calibration that read the classifiers slow (a few busy seconds) would
+    # otherwise cut the tokenizer for time that the teacher and the judge did not take.
+    replans = {"tokenizer": replan(minutes, rates, started, ("teacher", "judge"), steps)}
+    steps.update(replans["tokenizer"].steps)
     tokenizer_dir, start_up = train_tokenizer(work, steps, seed, teacher_file)
     timer.lap("tokenizer_s")
 
@@ -329,7 +333,6 @@ def run_demo(out_dir: str = "uae_gen_demo", minutes: float = DEFAULT_MINUTES, se
     # The plan again with the time left, the scripts' start-up as observed: the DiT absorbs whatever the earlier
     # phases took beyond their estimate (or gains what they saved, up to its cap).
     observed = dataclasses.replace(rates, script_start=sum(start_up) / len(start_up) / LAUNCH_START_FACTOR)
-    replans = {}
     finished = ("teacher", "judge", "tokenizer_1", "tokenizer_2", "tokenizer_3", "cache")
     replans["dit"] = replan(minutes, observed, started, finished, steps)
     steps.update(replans["dit"].steps)
