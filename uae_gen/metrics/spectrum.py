@@ -28,12 +28,21 @@ import torch
 MAX_RADIUS = math.sqrt(2.0)  # the corner of the frequency grid, in units of the Nyquist frequency
 
 
+def squared_frequency_radius(height: int, width: int) -> torch.Tensor:
+    """|f|^2 of every bin of an (height, width) ``torch.fft.fft2``, each axis scaled so its Nyquist frequency is 1:
+    (height, width), float64, in [0, 2]. Products and sums only, which round alike on every CPU, so the binning
+    compares these and not |f|: the last bit of torch's float64 square root differs between CPU kernels (one ulp low
+    for sqrt(1/32) on an AVX-512 Xeon), which moved the diagonal frequencies (k, k) of a 16x16 grid, lying on edges
+    of the 16 default bins, into the bin below."""
+    fy = torch.fft.fftfreq(height, dtype=torch.float64) * 2.0
+    fx = torch.fft.fftfreq(width, dtype=torch.float64) * 2.0
+    return fy[:, None] ** 2 + fx[None, :] ** 2
+
+
 def normalized_frequency_radius(height: int, width: int) -> torch.Tensor:
     """|f| of every bin of an (height, width) ``torch.fft.fft2``, each axis scaled so its Nyquist frequency is 1:
     (height, width), float64, in [0, sqrt(2)]."""
-    fy = torch.fft.fftfreq(height, dtype=torch.float64) * 2.0
-    fx = torch.fft.fftfreq(width, dtype=torch.float64) * 2.0
-    return torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)
+    return squared_frequency_radius(height, width).sqrt()
 
 
 def radial_bin_edges(num_bins: int) -> torch.Tensor:
@@ -78,7 +87,7 @@ class RadialSpectrum:
 
     def energy_share_within(self, radius: float) -> float:
         """The part of the energy at normalised radius <= ``radius`` (exact, from the unbinned power map)."""
-        inside = normalized_frequency_radius(*self.power_map.shape) <= radius
+        inside = squared_frequency_radius(*self.power_map.shape) <= radius * abs(radius)  # a negative radius: none
         return float(self.power_map[inside].sum() / self.total_energy)
 
     def to_dict(self) -> dict:
@@ -124,8 +133,9 @@ class SpectrumAccumulator:
             raise ValueError("no grids accumulated: call update() with at least one (B, C, h, w) grid first")
         edges = radial_bin_edges(num_bins)
         power_map = self.power_sum / self.num_maps
-        radius = normalized_frequency_radius(*power_map.shape).flatten()
-        index = torch.bucketize(radius, edges, right=True).sub(1).clamp(0, num_bins - 1)
+        squared_edges = 2.0 * torch.arange(num_bins + 1, dtype=torch.float64).square() / num_bins**2  # edges^2
+        index = torch.bucketize(squared_frequency_radius(*power_map.shape).flatten(), squared_edges, right=True)
+        index = index.sub(1).clamp(0, num_bins - 1)
         count = torch.bincount(index, minlength=num_bins)
         energy = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, power_map.flatten())
         total = power_map.sum()
