@@ -32,6 +32,16 @@ def cosine_grid(fy: int, fx: int, size: int = 16) -> torch.Tensor:
     return torch.stack([wave, 3 * wave]).unsqueeze(0).float()  # (1, 2, size, size)
 
 
+def test_the_bins_do_not_move_with_the_last_bit_of_a_square_root(monkeypatch):
+    # torch's float64 sqrt is an ulp low for sqrt(1/32) on an AVX-512 Xeon; (1, 1) of a 16x16 grid lies on edge 2.
+    true_sqrt = torch.sqrt
+    monkeypatch.setattr(torch, "sqrt", lambda x: torch.nextafter(true_sqrt(x), torch.zeros_like(x)))
+    monkeypatch.setattr(torch.Tensor, "sqrt", lambda self: torch.sqrt(self))
+    spectrum = radial_power_spectrum(cosine_grid(1, 1))
+    assert spectrum.energy_share[2] == pytest.approx(1.0, abs=1e-6)
+    assert spectrum.energy_share_within(math.sqrt(2) / 8) == pytest.approx(1.0, abs=1e-6)
+
+
 def test_constant_grid_puts_all_energy_in_the_dc_bin():
     grid = torch.full((2, 3, 8, 8), 0.5)
     spectrum = radial_power_spectrum(grid)
